@@ -1,0 +1,22 @@
+"""lossbalance: adaptive loss balancing for multi-task PyTorch networks."""
+
+from .balancers import (
+    Balancer,
+    DynamicTaskPrioritization,
+    EqualWeighting,
+    GradNorm,
+    StaticWeighting,
+    UncertaintyWeighting,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Balancer",
+    "DynamicTaskPrioritization",
+    "EqualWeighting",
+    "GradNorm",
+    "StaticWeighting",
+    "UncertaintyWeighting",
+    "__version__",
+]

@@ -1,0 +1,103 @@
+"""The interface every balancer shares.
+
+A balancer turns T task losses into one backward of a weighted total, sum_i w_i L_i, and
+updates its weights w from what it measured in that step. It is a ``torch.nn.Module`` so that
+``state_dict``/``load_state_dict`` and ``.to(device)`` work as for any model part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks
+from .._checks import LossesLike
+
+SharedLike = Tensor | Sequence[Tensor] | None
+
+
+class Balancer(nn.Module):
+    """Base class: validation, the weighted backward, and the non-finite policy.
+
+    Subclasses implement ``weights`` and ``_step(losses, values, shared, **signals)``, where
+    ``losses`` are the T validated scalar losses (with graph) and ``values`` their detached
+    stack [T].
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        task_names: Sequence[str] | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.num_tasks = _checks.check_num_tasks(num_tasks)
+        self.task_names = _checks.check_task_names(task_names, self.num_tasks)
+        self.on_nonfinite = _checks.check_on_nonfinite(on_nonfinite)
+        #: What the last step measured, as detached tensors (no host sync to fill it).
+        self.stats: dict[str, Tensor] = {}
+        #: True when the last ``backward`` was skipped because of a non-finite value.
+        self.last_step_skipped = False
+
+    @property
+    def weights(self) -> Tensor:
+        """The task weights w [T] the next ``backward`` uses (a detached copy)."""
+        raise NotImplementedError
+
+    def tap(self, h: Tensor) -> tuple[Tensor, ...]:
+        """One alias of the shared representation ``h`` per task, for the heads to consume.
+
+        Balancers that need no per-task gradients return ``h`` itself T times, so a training
+        loop written for GradNorm's fast path runs unchanged with any balancer.
+        """
+        if not isinstance(h, Tensor):
+            raise TypeError(f"tap expects a tensor, got {type(h).__name__}")
+        return (h,) * self.num_tasks
+
+    def backward(self, losses: LossesLike, shared: SharedLike = None, **signals: Any) -> Tensor:
+        """Backpropagate sum_i w_i L_i (weights detached) and update the weights.
+
+        ``losses``: T scalar tensors (list/tuple, 1-D tensor or dict keyed by ``task_names``).
+        ``shared``: the shared parameter(s) at which gradient norms are measured, for balancers
+        that use them (GradNorm); ignored by the others.
+        Returns the weighted total (detached) for logging.
+        """
+        self.last_step_skipped = False
+        items = _checks.loss_list(losses, self.num_tasks, self.task_names)
+        values = torch.stack([loss.detach() for loss in items])
+        bad = _checks.first_nonfinite(values)
+        if bad is not None:
+            if self.on_nonfinite == "skip":
+                self.last_step_skipped = True
+                return (self.weights.to(values) * values).sum()
+            raise ValueError(
+                f"the loss of {_checks.task_label(bad, self.task_names)} is "
+                f"{float(values[bad])} (non-finite); pass on_nonfinite='skip' to skip such steps"
+            )
+        return self._step(items, values, shared, **signals)
+
+    def _step(
+        self, losses: list[Tensor], values: Tensor, shared: SharedLike, **signals: Any
+    ) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _weighted_backward(losses: list[Tensor], values: Tensor, weights: Tensor) -> Tensor:
+        """One ordinary backward of sum_i w_i L_i with ``weights`` treated as constants."""
+        w = weights.detach().to(device=values.device, dtype=values.dtype)
+        torch.autograd.backward(torch.stack(losses) @ w)
+        return values @ w
+
+    def _no_signals(self, signals: dict[str, Any]) -> None:
+        if signals:
+            raise TypeError(
+                f"{type(self).__name__}.backward got unexpected arguments {sorted(signals)}"
+            )
+
+    def extra_repr(self) -> str:
+        names = f", task_names={list(self.task_names)}" if self.task_names else ""
+        return f"num_tasks={self.num_tasks}{names}"

@@ -1,0 +1,304 @@
+"""GradNorm: Chen, Badrinarayanan, Lee, Rabinovich, ICML 2018 (arXiv 1711.02257), Algorithm 1.
+
+Per step t, with task weights w_i(t) and W the shared tensors where norms are measured:
+
+    G_i(t)    = || grad_W (w_i(t) L_i(t)) ||_2              (Eq. 1, norm over all of W)
+    G_bar(t)  = mean_i G_i(t)
+    L~_i(t)   = L_i(t) / L_i(0)                             (loss ratio)
+    r_i(t)    = L~_i(t) / mean_j L~_j(t)                    (relative inverse training rate)
+    target_i  = G_bar(t) * r_i(t)^alpha, held constant      (Eq. 2)
+    L_grad    = sum_i | G_i(t) - target_i |                 (Eq. 2)
+
+The model receives the gradient of sum_i w_i(t) L_i(t) with the weights of this step. The
+weights then take one step of their own optimizer on dL_grad/dw and are renormalised so that
+sum_i w_i = T. Because G_i = w_i ||grad_W L_i|| with ||grad_W L_i|| independent of w,
+
+    dL_grad / dw_i = sign(G_i - target_i) * || grad_W L_i ||,
+
+so no second-order graph (``create_graph``) and no per-task backward is needed: the per-task
+norms come from one ordinary backward (see ``lossbalance._taps``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _graph
+from .._taps import Tap, norms_from_tap_grads, per_task_norms
+from .base import Balancer, SharedLike
+
+
+def _as_tensor_list(shared: SharedLike) -> list[Tensor]:
+    if shared is None:
+        return []
+    if isinstance(shared, Tensor):
+        return [shared]
+    items = list(shared)
+    for k, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"shared[{k}] must be a tensor, got {type(t).__name__}")
+    return items
+
+
+class GradNorm(Balancer):
+    """GradNorm weights learned from gradient norms at a shared layer (Algorithm 1).
+
+    Args:
+        num_tasks: T >= 2.
+        alpha: the asymmetry exponent (>= 0). ``alpha=0`` pulls every task to the same gradient
+            norm; larger values push slow tasks (large L_i(t)/L_i(0)) harder.
+        lr: learning rate of the weights' optimizer (> 0).
+        optimizer: optimizer class for the weights (``torch.optim.Adam`` by default).
+        optimizer_kwargs: extra keyword arguments for it.
+        initial_losses: L_i(0); by default the losses of the first ``backward`` call.
+        min_weight: floor applied to the weights after the optimizer step and before
+            renormalisation, so every weight stays > 0: w <- T * max(w, min_weight) /
+            sum_j max(w_j, min_weight).
+        task_names: names, to pass losses as a dict and to name tasks in errors.
+        on_nonfinite: "raise" (default) or "skip" for non-finite losses or gradient norms.
+
+    ``stats`` after a step: ``grad_norm`` (G_i), ``target`` (target_i), ``loss_ratio``
+    (L~_i), ``inverse_rate`` (r_i), ``gradnorm_loss`` (L_grad) and ``weight`` (w used).
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        *,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        initial_losses: Sequence[float] | Tensor | None = None,
+        min_weight: float = 1e-6,
+        task_names: Sequence[str] | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
+        self.alpha = _checks.check_nonnegative("alpha", alpha)
+        self.lr = _checks.check_positive("lr", lr)
+        self.min_weight = _checks.check_positive("min_weight", min_weight)
+        self._optimizer_cls = optimizer
+        self._optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.register_buffer("task_weights", torch.ones(num_tasks))
+        self.register_buffer("initial_losses", torch.full((num_tasks,), float("nan")))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self._initialized = False
+        if initial_losses is not None:
+            l0 = torch.as_tensor(
+                initial_losses.detach().cpu() if isinstance(initial_losses, Tensor)
+                else list(initial_losses),
+                dtype=torch.float32,
+            ).reshape(-1)
+            if l0.numel() != num_tasks:
+                raise ValueError(f"initial_losses has {l0.numel()} values, expected {num_tasks}")
+            if self.alpha > 0:
+                _checks.check_initial_losses(l0, self.task_names, "initial_losses")
+            self.initial_losses.copy_(l0)
+            self._initialized = True
+        self._optimizer = self._make_optimizer()
+        self._tap: Tap | None = None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        try:
+            return self._optimizer_cls([self.task_weights], lr=self.lr, **self._optimizer_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"could not build the weights' optimizer: {exc}") from exc
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that steps the weights on dL_grad/dw."""
+        return self._optimizer
+
+    @property
+    def weights(self) -> Tensor:
+        return self.task_weights.detach().clone()
+
+    def tap(self, h: Tensor) -> tuple[Tensor, ...]:
+        """Aliases of ``h``, one per task head: the fast path (one backward for all norms).
+
+        Head i must consume ``feats[i]``; ``backward`` then reads every task's gradient at h
+        from a single hook and, when ``shared`` is given, maps it to the shared parameters
+        upstream of h with one batched vector-Jacobian product.
+        """
+        if not isinstance(h, Tensor):
+            raise TypeError(f"tap expects a tensor, got {type(h).__name__}")
+        if not h.requires_grad:
+            raise ValueError("tap(h): h does not require grad, so no task gradient can reach it")
+        self._tap = Tap(h, self.num_tasks)
+        return self._tap.feats
+
+    # ------------------------------------------------------------------ validation
+    def _check_fast_graph(self, losses: list[Tensor], tap: Tap, shared: list[Tensor]) -> None:
+        node = tap.feats[0].grad_fn
+        for i, loss in enumerate(losses):
+            target = {(id(node), i)}
+            if _graph.reaches(loss, target) is None:
+                raise ValueError(
+                    f"the loss of {_checks.task_label(i, self.task_names)} does not reach its "
+                    f"tapped feature feats[{i}] (did its head consume bal.tap(h)[{i}] "
+                    "of this step?)"
+                )
+        self._check_shared_reached([tap.h], shared, "the tapped representation h")
+
+    def _check_general_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
+        edges = _graph.edges_of(shared)
+        for k, e in enumerate(edges):
+            if e is None:
+                raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
+        targets = {e for e in edges if e is not None}
+        for i, loss in enumerate(losses):
+            if _graph.reaches(loss, targets) is None:
+                raise ValueError(
+                    f"the loss of {_checks.task_label(i, self.task_names)} does not reach any "
+                    "of the shared tensors"
+                )
+        self._check_shared_reached(losses, shared, "any loss")
+
+    def _check_shared_reached(self, roots: list[Tensor], shared: list[Tensor], what: str) -> None:
+        edges = _graph.edges_of(shared)
+        for k, e in enumerate(edges):
+            if e is None:
+                raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
+        wanted = [e for e in edges if e is not None]
+        found: set = set()
+        for root in roots:
+            found |= _graph.reached_targets(root, wanted)
+            if len(found) == len(set(wanted)):
+                return
+        k = next(k for k, e in enumerate(edges) if e not in found)
+        raise ValueError(f"shared[{k}] is outside the graph of {what}")
+
+    # ------------------------------------------------------------------ the step
+    def _step(
+        self, losses: list[Tensor], values: Tensor, shared: SharedLike, **signals: Any
+    ) -> Tensor:
+        self._no_signals(signals)
+        tap, self._tap = self._tap, None
+        shared_list = _as_tensor_list(shared)
+        first = not self._initialized
+        if first and self.alpha > 0:
+            _checks.check_initial_losses(values, self.task_names)
+        if tap is not None:
+            self._check_fast_graph(losses, tap, shared_list)
+        elif not shared_list:
+            raise ValueError(
+                "shared=None measures gradient norms at the tapped representation: call "
+                "feats = bal.tap(h) and feed feats[i] to head i, or pass shared= parameters"
+            )
+        else:
+            self._check_general_graph(losses, shared_list)
+
+        w = self.task_weights.detach().clone()
+        if tap is not None:
+            def capture(g: Tensor) -> None:
+                tap.norms = norms_from_tap_grads(g, tap.h, shared_list)
+
+            handle = tap.expanded.register_hook(capture)
+            try:
+                total = self._weighted_backward(losses, values, w)
+            finally:
+                handle.remove()
+            grad_norm_w = tap.norms  # G_i = ||grad_W (w_i L_i)||
+            assert grad_norm_w is not None
+            w_n = w.to(grad_norm_w)
+            grad_norm = grad_norm_w / w_n  # ||grad_W L_i||
+        else:
+            grad_norm = per_task_norms(losses, shared_list)
+            w_n = w.to(grad_norm)
+            grad_norm_w = w_n * grad_norm
+            if not self._check_finite_norms(grad_norm_w, before_backward=True):
+                return values @ w.to(values)
+            total = self._weighted_backward(losses, values, w)
+        if tap is not None and not self._check_finite_norms(grad_norm_w, before_backward=False):
+            return total
+
+        l0 = values if first else self.initial_losses.to(values)
+        loss_ratio = (values / l0).to(grad_norm)
+        inverse_rate = loss_ratio / loss_ratio.mean()
+        target = grad_norm_w.mean() * inverse_rate.pow(self.alpha)
+        gap = grad_norm_w - target
+        gradnorm_loss = gap.abs().sum()
+        dweights = torch.sign(gap) * grad_norm
+
+        # Commit: everything below changes state; nothing below can fail on user input.
+        if first:
+            self.initial_losses.copy_(values)
+            self._initialized = True
+        with torch.no_grad():
+            self.task_weights.grad = dweights.to(self.task_weights)
+            self._optimizer.step()
+            self.task_weights.grad = None
+            self.task_weights.clamp_(min=self.min_weight)
+            self.task_weights.mul_(self.num_tasks / self.task_weights.sum())
+            self.num_steps += 1
+        self.stats = {
+            "weight": w,
+            "grad_norm": grad_norm_w.detach(),
+            "target": target.detach(),
+            "loss_ratio": loss_ratio.detach(),
+            "inverse_rate": inverse_rate.detach(),
+            "gradnorm_loss": gradnorm_loss.detach(),
+        }
+        return total
+
+    def _check_finite_norms(self, grad_norm_w: Tensor, *, before_backward: bool) -> bool:
+        bad = _checks.first_nonfinite(grad_norm_w)
+        if bad is None:
+            return True
+        who = _checks.task_label(bad, self.task_names)
+        if self.on_nonfinite == "skip":
+            self.last_step_skipped = True
+            return False
+        where = (
+            "the model's .grad is untouched" if before_backward
+            else "the model's .grad already holds this step's (non-finite) gradient: zero it "
+            "before the next step"
+        )
+        raise ValueError(
+            f"the gradient norm of {who} is {float(grad_norm_w[bad])} (non-finite) with finite "
+            f"losses; the balancer's state is untouched and {where}. Pass on_nonfinite='skip' "
+            "to skip such steps"
+        )
+
+    def backward(
+        self, losses: _checks.LossesLike, shared: SharedLike = None, **signals: Any
+    ) -> Tensor:
+        """Backpropagate sum_i w_i L_i and take one GradNorm step on the weights.
+
+        ``shared``: a parameter, a list of parameters, or None (norms at the tapped h).
+        Returns the weighted total sum_i w_i L_i (detached).
+        """
+        try:
+            return super().backward(losses, shared, **signals)
+        finally:
+            self._tap = None  # a tap serves one step only
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": copy.deepcopy(self._optimizer.state_dict()),
+            "initialized": self._initialized,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._initialized = bool(state["initialized"])
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        state = self._optimizer.state_dict()
+        super()._apply(fn, recurse)
+        self._optimizer = self._make_optimizer()
+        self._optimizer.load_state_dict(state)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, alpha={self.alpha}, lr={self.lr}, "
+            f"optimizer={getattr(self._optimizer_cls, '__name__', self._optimizer_cls)}"
+        )
