@@ -128,11 +128,17 @@ def loss_list(
             raise ValueError(
                 f"the loss of {who} does not require grad: it is not connected to any parameter"
             )
-    return [loss.reshape(()) for loss in items]
+    return [loss if loss.dim() == 0 else loss.reshape(()) for loss in items]
 
 
 def first_nonfinite(values: Tensor) -> int | None:
-    """Index of the first non-finite entry of a 1-D tensor, or None (one host sync)."""
+    """Index of the first non-finite entry of a 1-D tensor, or None (one host sync).
+
+    A finite sum proves every entry finite; only when it is not (a non-finite entry, or an
+    overflow of the sum itself) are the entries checked one by one.
+    """
+    if math.isfinite(float(values.sum(dtype=torch.float64))):
+        return None
     bad = ~torch.isfinite(values)
     if not bool(bad.any()):
         return None

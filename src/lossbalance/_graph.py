@@ -54,6 +54,31 @@ def reaches(root: Tensor, targets: set[Edge]) -> Edge | None:
     return None
 
 
+def reaches_output(root: Tensor, node: object, output_nr: int) -> bool:
+    """Whether gradients from ``root`` flow into output ``output_nr`` of autograd ``node``.
+
+    The fast-path check (one per task and step), so it is kept tight: ``node`` itself is not
+    expanded, and leaves (no next functions) end a branch.
+    """
+    start = root.grad_fn
+    if start is None:
+        return False
+    seen = {id(start)}
+    stack = [start]
+    pop, push, add = stack.pop, stack.append, seen.add
+    while stack:
+        for nxt, nr in pop().next_functions:
+            if nxt is node:
+                if nr == output_nr:
+                    return True
+                continue
+            if nxt is None or id(nxt) in seen:
+                continue
+            add(id(nxt))
+            push(nxt)
+    return False
+
+
 def reached_targets(root: Tensor, targets: Sequence[Edge]) -> set[Edge]:
     """Every target edge reachable from ``root`` (a full walk; used for diagnosis only)."""
     wanted = set(targets)

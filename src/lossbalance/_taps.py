@@ -72,12 +72,15 @@ def _joint_norms(grads: Sequence[Tensor | None], num_tasks: int, like: Tensor) -
     return torch.linalg.vector_norm(torch.stack(present, dim=1), dim=1)
 
 
-def _linear_pattern(h: Tensor, shared: Sequence[Tensor]) -> tuple[list, Tensor, dict] | None:
+def linear_pattern(h: Tensor, shared: Sequence[Tensor]) -> tuple[list, Tensor, dict] | None:
     """Match h = act_k(...act_1(x @ W.T + b)) with ``shared`` among {W, b}.
 
     Returns (activation nodes, x, {id(param): "weight" | "bias"}) or None when h is not of
-    that form; the caller then uses the generic batched VJP.
+    that form; the caller then uses the generic batched VJP. A match also proves that h
+    reaches every tensor of ``shared``.
     """
+    if h.dim() != 2 or not shared:
+        return None
     node = h.grad_fn
     acts = []
     while node is not None and type(node).__name__ in _ELEMENTWISE:
@@ -112,25 +115,66 @@ def _linear_pattern(h: Tensor, shared: Sequence[Tensor]) -> tuple[list, Tensor, 
     return acts, x, roles
 
 
-def _linear_norms(g: Tensor, h: Tensor, pattern: tuple[list, Tensor, dict], shared) -> Tensor:
+class Workspace:
+    """Buffers kept across steps so the per-task products allocate nothing after step one."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buf = self._buffers.get(name)
+        if (buf is None or buf.shape != shape or buf.dtype != like.dtype
+                or buf.device != like.device):
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def _linear_norms(
+    g: Tensor, h: Tensor, pattern: tuple[list, Tensor, dict], shared: Sequence[Tensor],
+    workspace: Workspace, chunk: int,
+) -> Tensor:
     acts, x, roles = pattern
-    delta = g
+    num_tasks = g.shape[0]
+    jac = None
     if acts:
         # act'(z) as the VJP of the activation chain applied to ones (diagonal Jacobian).
         jac = torch.ones_like(h)
         for node in acts:
             jac = node(jac)
-        delta = g * jac
-    parts = []
-    for p in shared:
-        if roles[id(p)] == "weight":
-            parts.append(torch.matmul(delta.transpose(1, 2), x))  # [T, out, in]
+    want_weight = any(roles[id(p)] == "weight" for p in shared)
+    want_bias = any(roles[id(p)] == "bias" for p in shared)
+    sq = torch.zeros(num_tasks, dtype=torch.float64 if g.dtype == torch.float64
+                     else torch.float32, device=g.device)
+    for start in range(0, num_tasks, chunk):
+        stop = min(start + chunk, num_tasks)
+        n = stop - start
+        if jac is None:
+            delta = g[start:stop]
         else:
-            parts.append(delta.sum(dim=1))  # [T, out]
-    return _joint_norms(parts, g.shape[0], g)
+            delta = workspace.get("delta", (chunk, *g.shape[1:]), g)[:n]
+            torch.mul(g[start:stop], jac, out=delta)
+        if want_weight:
+            dw = workspace.get("dw", (chunk, g.shape[2], x.shape[1]), g)[:n]
+            torch.matmul(delta.transpose(1, 2), x, out=dw)  # dW_i = delta_i^T x
+            sq[start:stop] += torch.linalg.vector_norm(dw.reshape(n, -1), dim=1,
+                                                       dtype=sq.dtype).square()
+        if want_bias:
+            sq[start:stop] += torch.linalg.vector_norm(delta.sum(dim=1), dim=1,
+                                                       dtype=sq.dtype).square()
+    return sq.sqrt()
 
 
-def norms_from_tap_grads(g: Tensor, h: Tensor, shared: Sequence[Tensor] | None) -> Tensor:
+def norms_from_tap_grads(
+    g: Tensor, h: Tensor, shared: Sequence[Tensor] | None, workspace: Workspace,
+    pattern: tuple[list, Tensor, dict] | None = None, chunk: int | None = None,
+) -> Tensor:
     """Per-task norms of the gradients whose stack at h is ``g`` [T, *h.shape].
 
     ``shared=None``: norms at h itself. Otherwise norms at the ``shared`` tensors upstream of h,
@@ -138,14 +182,20 @@ def norms_from_tap_grads(g: Tensor, h: Tensor, shared: Sequence[Tensor] | None) 
     """
     if not shared:
         return _flat_norms(g)
-    with torch.no_grad():
-        pattern = _linear_pattern(h, shared) if h.dim() == 2 else None
-        if pattern is not None:
-            return _linear_norms(g, h, pattern, shared)
-    grads = torch.autograd.grad(
-        h, list(shared), g, retain_graph=True, allow_unused=True, is_grads_batched=True
-    )
-    return _joint_norms(grads, g.shape[0], g)
+    if pattern is not None:
+        with torch.no_grad():
+            return _linear_norms(g, h, pattern, shared, workspace, chunk or g.shape[0])
+    try:
+        grads = torch.autograd.grad(
+            h, list(shared), g, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return _joint_norms(grads, g.shape[0], g)
+    except RuntimeError:  # an operator without a batching rule: one VJP per task
+        rows = []
+        for gi in g:
+            task = torch.autograd.grad(h, list(shared), gi, retain_graph=True, allow_unused=True)
+            rows.append(_joint_norms([t.unsqueeze(0) for t in task if t is not None], 1, g)[0])
+        return torch.stack(rows)
 
 
 def per_task_norms(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> Tensor:

@@ -22,9 +22,8 @@ SharedLike = Tensor | Sequence[Tensor] | None
 class Balancer(nn.Module):
     """Base class: validation, the weighted backward, and the non-finite policy.
 
-    Subclasses implement ``weights`` and ``_step(losses, values, shared, **signals)``, where
-    ``losses`` are the T validated scalar losses (with graph) and ``values`` their detached
-    stack [T].
+    Subclasses implement ``weights`` and ``_step(losses, stacked, shared, **signals)``, where
+    ``losses`` are the T validated scalar losses and ``stacked`` their stack [T] (with graph).
     """
 
     def __init__(
@@ -68,7 +67,8 @@ class Balancer(nn.Module):
         """
         self.last_step_skipped = False
         items = _checks.loss_list(losses, self.num_tasks, self.task_names)
-        values = torch.stack([loss.detach() for loss in items])
+        stacked = torch.stack(items)
+        values = stacked.detach()
         bad = _checks.first_nonfinite(values)
         if bad is not None:
             if self.on_nonfinite == "skip":
@@ -78,19 +78,20 @@ class Balancer(nn.Module):
                 f"the loss of {_checks.task_label(bad, self.task_names)} is "
                 f"{float(values[bad])} (non-finite); pass on_nonfinite='skip' to skip such steps"
             )
-        return self._step(items, values, shared, **signals)
+        return self._step(items, stacked, shared, **signals)
 
     def _step(
-        self, losses: list[Tensor], values: Tensor, shared: SharedLike, **signals: Any
+        self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
     ) -> Tensor:
         raise NotImplementedError
 
     @staticmethod
-    def _weighted_backward(losses: list[Tensor], values: Tensor, weights: Tensor) -> Tensor:
+    def _weighted_backward(stacked: Tensor, weights: Tensor) -> Tensor:
         """One ordinary backward of sum_i w_i L_i with ``weights`` treated as constants."""
-        w = weights.detach().to(device=values.device, dtype=values.dtype)
-        torch.autograd.backward(torch.stack(losses) @ w)
-        return values @ w
+        w = weights.detach().to(device=stacked.device, dtype=stacked.dtype)
+        total = stacked @ w
+        torch.autograd.backward(total)
+        return total.detach()
 
     def _no_signals(self, signals: dict[str, Any]) -> None:
         if signals:

@@ -75,7 +75,7 @@ class DynamicTaskPrioritization(Balancer):
         sum_i w_i L_i with the weights they give. Returns the weighted total (detached)."""
         return super().backward(losses, shared, kpis=kpis)
 
-    def _step(self, losses: list[Tensor], values: Tensor, shared: SharedLike, **signals: Any
+    def _step(self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
               ) -> Tensor:
         kpis = _checks.check_kpis(signals.pop("kpis", None), self.num_tasks, self.task_names)
         self._no_signals(signals)
@@ -85,9 +85,9 @@ class DynamicTaskPrioritization(Balancer):
         else:
             smoothed = self.kpi_decay * self.kpi + (1 - self.kpi_decay) * kpis
         weights = self.focal_weights(smoothed, self.gamma, self.kpi_floor)
-        total = self._weighted_backward(losses, values, weights)
+        total = self._weighted_backward(stacked, weights)
         self.kpi.copy_(smoothed)
-        self.num_steps += 1
+        self.num_steps.add_(1)
         self.stats = {"kpi": smoothed.clone(), "weight": weights}
         return total
 

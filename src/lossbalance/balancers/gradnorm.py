@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _graph
-from .._taps import Tap, norms_from_tap_grads, per_task_norms
+from .._taps import Tap, Workspace, linear_pattern, norms_from_tap_grads, per_task_norms
 from .base import Balancer, SharedLike
 
 
@@ -103,6 +103,8 @@ class GradNorm(Balancer):
             self._initialized = True
         self._optimizer = self._make_optimizer()
         self._tap: Tap | None = None
+        self._workspace = Workspace()
+        self._chunk: int | None = None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         try:
@@ -134,17 +136,25 @@ class GradNorm(Balancer):
         return self._tap.feats
 
     # ------------------------------------------------------------------ validation
-    def _check_fast_graph(self, losses: list[Tensor], tap: Tap, shared: list[Tensor]) -> None:
+    def _check_fast_graph(
+        self, losses: list[Tensor], tap: Tap, shared: list[Tensor]
+    ) -> tuple[list, Tensor, dict] | None:
+        """Each loss must reach its own slice of the tap, and h every shared tensor.
+
+        Returns the ``nn.Linear`` pattern of h when it matches (see ``_taps.linear_pattern``).
+        """
         node = tap.feats[0].grad_fn
         for i, loss in enumerate(losses):
-            target = {(id(node), i)}
-            if _graph.reaches(loss, target) is None:
+            if not _graph.reaches_output(loss, node, i):
                 raise ValueError(
                     f"the loss of {_checks.task_label(i, self.task_names)} does not reach its "
                     f"tapped feature feats[{i}] (did its head consume bal.tap(h)[{i}] "
                     "of this step?)"
                 )
-        self._check_shared_reached([tap.h], shared, "the tapped representation h")
+        pattern = linear_pattern(tap.h, shared)
+        if shared and pattern is None:
+            self._check_shared_reached([tap.h], shared, "the tapped representation h")
+        return pattern
 
     def _check_general_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
         edges = _graph.edges_of(shared)
@@ -176,16 +186,18 @@ class GradNorm(Balancer):
 
     # ------------------------------------------------------------------ the step
     def _step(
-        self, losses: list[Tensor], values: Tensor, shared: SharedLike, **signals: Any
+        self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
     ) -> Tensor:
         self._no_signals(signals)
+        values = stacked.detach()
         tap, self._tap = self._tap, None
         shared_list = _as_tensor_list(shared)
         first = not self._initialized
         if first and self.alpha > 0:
             _checks.check_initial_losses(values, self.task_names)
+        pattern = None
         if tap is not None:
-            self._check_fast_graph(losses, tap, shared_list)
+            pattern = self._check_fast_graph(losses, tap, shared_list)
         elif not shared_list:
             raise ValueError(
                 "shared=None measures gradient norms at the tapped representation: call "
@@ -197,11 +209,12 @@ class GradNorm(Balancer):
         w = self.task_weights.detach().clone()
         if tap is not None:
             def capture(g: Tensor) -> None:
-                tap.norms = norms_from_tap_grads(g, tap.h, shared_list)
+                tap.norms = norms_from_tap_grads(g, tap.h, shared_list, self._workspace,
+                                                 pattern, self._chunk)
 
             handle = tap.expanded.register_hook(capture)
             try:
-                total = self._weighted_backward(losses, values, w)
+                total = self._weighted_backward(stacked, w)
             finally:
                 handle.remove()
             grad_norm_w = tap.norms  # G_i = ||grad_W (w_i L_i)||
@@ -214,7 +227,7 @@ class GradNorm(Balancer):
             grad_norm_w = w_n * grad_norm
             if not self._check_finite_norms(grad_norm_w, before_backward=True):
                 return values @ w.to(values)
-            total = self._weighted_backward(losses, values, w)
+            total = self._weighted_backward(stacked, w)
         if tap is not None and not self._check_finite_norms(grad_norm_w, before_backward=False):
             return total
 
@@ -236,7 +249,7 @@ class GradNorm(Balancer):
             self.task_weights.grad = None
             self.task_weights.clamp_(min=self.min_weight)
             self.task_weights.mul_(self.num_tasks / self.task_weights.sum())
-            self.num_steps += 1
+            self.num_steps.add_(1)
         self.stats = {
             "weight": w,
             "grad_norm": grad_norm_w.detach(),

@@ -48,10 +48,10 @@ class StaticWeighting(Balancer):
     def weights(self) -> Tensor:
         return self.task_weights.detach().clone()
 
-    def _step(self, losses: list[Tensor], values: Tensor, shared: SharedLike, **signals: Any
+    def _step(self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
               ) -> Tensor:
         self._no_signals(signals)
-        total = self._weighted_backward(losses, values, self.task_weights)
+        total = self._weighted_backward(stacked, self.task_weights)
         self.stats = {"weight": self.task_weights.detach().clone()}
         return total
 

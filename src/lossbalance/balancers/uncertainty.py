@@ -63,12 +63,11 @@ class UncertaintyWeighting(Balancer):
     def weights(self) -> Tensor:
         return (self.scale * torch.exp(-self.log_vars)).detach()
 
-    def _step(self, losses: list[Tensor], values: Tensor, shared: SharedLike, **signals: Any
+    def _step(self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
               ) -> Tensor:
         self._no_signals(signals)
         s = self.log_vars
         multipliers = self.scale.to(s) * torch.exp(-s)
-        stacked = torch.stack(losses)
         total = (multipliers.to(stacked) * stacked).sum() + 0.5 * s.sum().to(stacked)
         total.backward()
         self.stats = {"log_var": s.detach().clone(), "weight": multipliers.detach()}

@@ -1,0 +1,231 @@
+"""Step overhead of lossbalance's GradNorm against the plain equal-weights step, same run.
+
+Workload: the GradNorm paper's toy trunk (250 -> 4 x 100 ReLU), one 100 -> 100 linear head per
+task, batch 128, MSE per task, SGD on the model. For each T the script times
+
+  plain      zero_grad; forward; sum(losses).backward(); opt.step()          (the baseline)
+  fast/W     bal.tap(h) + bal.backward(losses, shared=last_shared_weight)
+  fast/h     bal.tap(h) + bal.backward(losses)                (norms at h)
+  general/W  bal.backward(losses, shared=last_shared_weight)  (no tap: batched per-task grads)
+  general/h  bal.backward(losses, shared=h)
+  literal/W  Algorithm 1 as usually written: one create_graph backward per task
+
+Timing: blocks of ``--steps`` steps of the baseline and of the method, interleaved
+(a, b, a, b, ...) ``--reps`` times; the ratio is the median of the per-pair ratios, with the
+25th-75th percentile spread. Memory: the peak bytes live during one step (the profiler's
+allocation record on CPU, ``max_memory_allocated`` on CUDA), plus what lives across steps
+(parameters, optimizer state, the batch), as a ratio to the baseline's.
+
+    python benchmarks/step_overhead.py                      # T = 2, 10, 64 on 2 CPU threads
+    python benchmarks/step_overhead.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lossbalance as lb
+
+METHODS = ("fast/W", "fast/h", "general/W", "general/h", "literal/W")
+
+
+class ToyModel(nn.Module):
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width_in = 250
+        for _ in range(4):
+            layers += [nn.Linear(width_in, 100), nn.ReLU()]
+            width_in = 100
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(100, 100) for _ in range(num_tasks))
+
+
+def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tensor]
+              ) -> Callable[[], None]:
+    T = len(ys)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    W = model.trunk[-2].weight
+    heads = list(model.heads)
+
+    if method == "plain":
+        def step() -> None:
+            opt.zero_grad()
+            h = model.trunk(x)
+            losses = [F.mse_loss(heads[i](h), ys[i]) for i in range(T)]
+            torch.stack(losses).sum().backward()
+            opt.step()
+        return step
+
+    if method == "literal/W":
+        w = torch.ones(T, device=x.device, requires_grad=True)
+        wopt = torch.optim.Adam([w], lr=0.025)
+        l0: list[torch.Tensor] = []
+
+        def step() -> None:
+            opt.zero_grad()
+            h = model.trunk(x)
+            L = torch.stack([F.mse_loss(heads[i](h), ys[i]) for i in range(T)])
+            if not l0:
+                l0.append(L.detach())
+            G = torch.stack([
+                torch.autograd.grad(w[i] * L[i], W, retain_graph=True, create_graph=True)[0].norm()
+                for i in range(T)
+            ])
+            ratio = L.detach() / l0[0]
+            target = (G.mean() * (ratio / ratio.mean()) ** 0.12).detach()
+            w.grad = torch.autograd.grad((G - target).abs().sum(), w, retain_graph=True)[0]
+            (w.detach() * L).sum().backward()
+            wopt.step()
+            with torch.no_grad():
+                w.mul_(T / w.sum())
+            opt.step()
+        return step
+
+    path, where = method.split("/")
+    bal = lb.GradNorm(T, alpha=0.12, lr=0.025).to(x.device)
+
+    def step() -> None:
+        opt.zero_grad()
+        h = model.trunk(x)
+        feats = bal.tap(h) if path == "fast" else (h,) * T
+        losses = [F.mse_loss(heads[i](feats[i]), ys[i]) for i in range(T)]
+        if where == "W":
+            shared = W
+        else:
+            shared = None if path == "fast" else h
+        bal.backward(losses, shared=shared)
+        opt.step()
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_block(step: Callable[[], None], n: int, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def resident_bytes(model: nn.Module, x: torch.Tensor, ys: list[torch.Tensor]) -> int:
+    """Bytes that live across steps: parameters, their gradients, the batch."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    data = x.numel() * x.element_size() + sum(y.numel() * y.element_size() for y in ys)
+    return 2 * params + data
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during one step, above what was live before it."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure(T: int, method: str, args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model_a = ToyModel(T).to(device)
+    model_b = ToyModel(T).to(device)
+    model_b.load_state_dict(model_a.state_dict())
+    x = torch.randn(args.batch, 250, device=device)
+    ys = [torch.randn(args.batch, 100, device=device) for _ in range(T)]
+    plain = make_step("plain", model_a, x, ys)
+    other = make_step(method, model_b, x, ys)
+    for _ in range(args.warmup):
+        plain()
+        other()
+    ratios, base_times = [], []
+    for _ in range(args.reps):
+        a = time_block(plain, args.steps, device)
+        b = time_block(other, args.steps, device)
+        ratios.append(b / a)
+        base_times.append(a)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    resident = resident_bytes(model_a, x, ys)
+    mem_plain = min(peak_step_bytes(plain, device) for _ in range(2))
+    mem_other = min(peak_step_bytes(other, device) for _ in range(2))
+    return {
+        "tasks": T,
+        "method": method,
+        "plain_ms": round(statistics.median(base_times) * 1e3, 3),
+        "time_ratio": round(statistics.median(ratios), 3),
+        "ratio_p25": round(q[0], 3),
+        "ratio_p75": round(q[2], 3),
+        "peak_mem_ratio": round((resident + mem_other) / (resident + mem_plain), 3),
+        "step_mem_ratio": round(mem_other / mem_plain, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="2,10,64", help="comma-separated T values")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--csv", default="benchmarks/results/step_overhead.csv")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    )
+    print(f"# lossbalance step overhead on {machine}, torch {torch.__version__}")
+    header = ("tasks", "method", "plain_ms", "time_ratio", "ratio_p25", "ratio_p75",
+              "peak_mem_ratio", "step_mem_ratio")
+    print(" | ".join(header))
+    rows = []
+    for T in [int(t) for t in args.tasks.split(",")]:
+        for method in args.methods.split(","):
+            row = measure(T, method, args, device)
+            rows.append(row)
+            print(" | ".join(str(row[k]) for k in header), flush=True)
+    out = Path(args.csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*header, "machine"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "machine": machine})
+    print(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
