@@ -3,6 +3,10 @@
 Checked before any backward runs, so that "task 2 does not reach the shared layer" is an error
 raised with the model's ``.grad`` and the balancer's state untouched. The walk follows
 ``grad_fn.next_functions`` edges (node, output index) and stops at the first target it meets.
+
+The Python objects that stand for autograd nodes are made on demand and may be freed (and
+their ``id`` reused) once nothing refers to them, so every walk keeps the nodes it has seen,
+and every target edge keeps its node, alive until it is done.
 """
 
 from __future__ import annotations
@@ -10,48 +14,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from torch import Tensor
-from torch.autograd.graph import get_gradient_edge
-
-Edge = tuple[int, int]
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
-def edge_of(tensor: Tensor) -> Edge | None:
-    """The (node id, output index) through which gradients reach ``tensor``, or None."""
+def edge_of(tensor: Tensor) -> GradientEdge | None:
+    """The edge (node, output index) through which gradients reach ``tensor``, or None."""
     if not tensor.requires_grad:
         return None
-    edge = get_gradient_edge(tensor)
-    return (id(edge.node), edge.output_nr)
+    return get_gradient_edge(tensor)
 
 
-def edges_of(tensors: Iterable[Tensor]) -> list[Edge | None]:
+def edges_of(tensors: Iterable[Tensor]) -> list[GradientEdge | None]:
     """:func:`edge_of` for each tensor."""
     return [edge_of(t) for t in tensors]
 
 
-def reaches(root: Tensor, targets: set[Edge]) -> Edge | None:
-    """The first target edge met walking back from ``root``'s grad_fn, or None if none is.
-
-    Target nodes are not expanded further: the walk only needs to know that one is reached.
-    """
-    start = root.grad_fn
-    if start is None or not targets:
-        return None
-    target_nodes = {node for node, _ in targets}
-    seen = {id(start)}
-    stack = [start]
-    while stack:
-        node = stack.pop()
-        for nxt, nr in node.next_functions:
-            if nxt is None:
-                continue
-            key = id(nxt)
-            if (key, nr) in targets:
-                return (key, nr)
-            if key in seen or key in target_nodes:
-                continue
-            seen.add(key)
-            stack.append(nxt)
-    return None
+def _key(edge: GradientEdge) -> tuple[int, int]:
+    return (id(edge.node), edge.output_nr)
 
 
 def reaches_output(root: Tensor, node: object, output_nr: int) -> bool:
@@ -63,9 +42,9 @@ def reaches_output(root: Tensor, node: object, output_nr: int) -> bool:
     start = root.grad_fn
     if start is None:
         return False
-    seen = {id(start)}
+    seen = {id(start): start}
     stack = [start]
-    pop, push, add = stack.pop, stack.append, seen.add
+    pop, push = stack.pop, stack.append
     while stack:
         for nxt, nr in pop().next_functions:
             if nxt is node:
@@ -74,29 +53,33 @@ def reaches_output(root: Tensor, node: object, output_nr: int) -> bool:
                 continue
             if nxt is None or id(nxt) in seen:
                 continue
-            add(id(nxt))
+            seen[id(nxt)] = nxt
             push(nxt)
     return False
 
 
-def reached_targets(root: Tensor, targets: Sequence[Edge]) -> set[Edge]:
-    """Every target edge reachable from ``root`` (a full walk; used for diagnosis only)."""
-    wanted = set(targets)
-    found: set[Edge] = set()
+def reached_edges(root: Tensor, targets: Sequence[GradientEdge], *, first: bool = False
+                  ) -> set[int]:
+    """Indices of the ``targets`` reachable from ``root`` (all of them, or the first found)."""
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for k, edge in enumerate(targets):
+        wanted.setdefault(_key(edge), []).append(k)
+    found: set[int] = set()
     start = root.grad_fn
     if start is None:
         return found
-    seen = {id(start)}
+    seen = {id(start): start}
     stack = [start]
-    while stack and found != wanted:
-        node = stack.pop()
-        for nxt, nr in node.next_functions:
+    while stack and len(found) < len(targets):
+        for nxt, nr in stack.pop().next_functions:
             if nxt is None:
                 continue
-            key = id(nxt)
-            if (key, nr) in wanted:
-                found.add((key, nr))
-            if key not in seen:
-                seen.add(key)
+            hit = wanted.get((id(nxt), nr))
+            if hit is not None:
+                found.update(hit)
+                if first:
+                    return found
+            if id(nxt) not in seen:
+                seen[id(nxt)] = nxt
                 stack.append(nxt)
     return found

@@ -198,23 +198,28 @@ def norms_from_tap_grads(
         return torch.stack(rows)
 
 
-def per_task_norms(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> Tensor:
+def per_task_norms(
+    losses: Sequence[Tensor], shared: Sequence[Tensor], batched: bool = True
+) -> Tensor:
     """Norms ||dL_i/d(shared)|| for each task, over all ``shared`` tensors together.
 
-    One batched ``autograd.grad`` (identity cotangents) with a per-task loop as fallback. The
-    graph is retained for the ordinary backward that follows.
+    One batched ``autograd.grad`` (identity cotangents) with a per-task loop as fallback (or
+    when ``batched=False``). The graph is retained for the ordinary backward that follows.
+    In the batched product an infinite derivative of one task meets the zero cotangents of
+    the others (0 * inf = nan), so a non-finite result is only trusted from the loop.
     """
     num_tasks = len(losses)
     stacked = torch.stack(list(losses))
-    eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
-    try:
-        grads = torch.autograd.grad(
-            stacked, list(shared), eye, retain_graph=True, allow_unused=True,
-            is_grads_batched=True,
-        )
-        return _joint_norms(grads, num_tasks, stacked)
-    except RuntimeError:
-        pass
+    if batched:
+        eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
+        try:
+            grads = torch.autograd.grad(
+                stacked, list(shared), eye, retain_graph=True, allow_unused=True,
+                is_grads_batched=True,
+            )
+            return _joint_norms(grads, num_tasks, stacked)
+        except RuntimeError:
+            pass
     rows = []
     for loss in losses:
         task_grads = torch.autograd.grad(loss, list(shared), retain_graph=True, allow_unused=True)

@@ -157,31 +157,33 @@ class GradNorm(Balancer):
         return pattern
 
     def _check_general_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
-        edges = _graph.edges_of(shared)
-        for k, e in enumerate(edges):
-            if e is None:
-                raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
-        targets = {e for e in edges if e is not None}
+        edges = self._shared_edges(shared)
         for i, loss in enumerate(losses):
-            if _graph.reaches(loss, targets) is None:
+            if not _graph.reached_edges(loss, edges, first=True):
                 raise ValueError(
                     f"the loss of {_checks.task_label(i, self.task_names)} does not reach any "
                     "of the shared tensors"
                 )
-        self._check_shared_reached(losses, shared, "any loss")
+        self._check_shared_reached(losses, shared, "any loss", edges)
 
-    def _check_shared_reached(self, roots: list[Tensor], shared: list[Tensor], what: str) -> None:
+    @staticmethod
+    def _shared_edges(shared: list[Tensor]) -> list:
         edges = _graph.edges_of(shared)
-        for k, e in enumerate(edges):
-            if e is None:
+        for k, edge in enumerate(edges):
+            if edge is None:
                 raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
-        wanted = [e for e in edges if e is not None]
-        found: set = set()
+        return edges
+
+    def _check_shared_reached(
+        self, roots: list[Tensor], shared: list[Tensor], what: str, edges: list | None = None
+    ) -> None:
+        edges = self._shared_edges(shared) if edges is None else edges
+        found: set[int] = set()
         for root in roots:
-            found |= _graph.reached_targets(root, wanted)
-            if len(found) == len(set(wanted)):
+            found |= _graph.reached_edges(root, edges)
+            if len(found) == len(edges):
                 return
-        k = next(k for k, e in enumerate(edges) if e not in found)
+        k = min(set(range(len(edges))) - found)
         raise ValueError(f"shared[{k}] is outside the graph of {what}")
 
     # ------------------------------------------------------------------ the step
@@ -223,6 +225,8 @@ class GradNorm(Balancer):
             grad_norm = grad_norm_w / w_n  # ||grad_W L_i||
         else:
             grad_norm = per_task_norms(losses, shared_list)
+            if _checks.first_nonfinite(grad_norm) is not None:  # name the right task
+                grad_norm = per_task_norms(losses, shared_list, batched=False)
             w_n = w.to(grad_norm)
             grad_norm_w = w_n * grad_norm
             if not self._check_finite_norms(grad_norm_w, before_backward=True):
