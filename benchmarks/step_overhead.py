@@ -100,10 +100,7 @@ def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tens
         h = model.trunk(x)
         feats = bal.tap(h) if path == "fast" else (h,) * T
         losses = [F.mse_loss(heads[i](feats[i]), ys[i]) for i in range(T)]
-        if where == "W":
-            shared = W
-        else:
-            shared = None if path == "fast" else h
+        shared = W if where == "W" else None if path == "fast" else h
         bal.backward(losses, shared=shared)
         opt.step()
     return step

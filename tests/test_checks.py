@@ -112,7 +112,7 @@ def test_shared_none_without_tap_is_an_error(setup):
     net, x, ys, bal = setup
     h = net.trunk(x)
     snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match="call feats = bal.tap"):
+    with pytest.raises(ValueError, match=r"call feats = bal\.tap"):
         bal.backward(losses_for(net, x, ys, (h,) * T))
     assert_unchanged(net, bal, snap)
 
@@ -229,7 +229,7 @@ def test_skip_mode_skips_nonfinite_steps(setup, path):
     snap = snapshot(net, bal)
     bal.backward(_inf_grad_losses(net, x, ys, feats), shared=net.last_shared)
     assert bal.last_step_skipped
-    state, grads = snap
+    state, _grads = snap
     assert torch.equal(bal.task_weights, state["task_weights"])
     assert torch.equal(bal.num_steps, state["num_steps"])
     if path == "general":

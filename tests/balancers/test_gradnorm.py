@@ -50,10 +50,7 @@ def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr
         h = net_a.trunk(x)
         feats = bal.tap(h) if path == "fast" else (h,) * T
         losses = [F.mse_loss(net_a.heads[i](feats[i]), ys[i]) for i in range(T)]
-        if where == "h":
-            shared = None if path == "fast" else h
-        else:
-            shared = shared_of(net_a, where, None)
+        shared = (None if path == "fast" else h) if where == "h" else shared_of(net_a, where, None)
         bal.backward(losses, shared=shared)
         hb = net_b.trunk(x)
         losses_b = [F.mse_loss(net_b.heads[i](hb), ys[i]) for i in range(T)]
@@ -296,7 +293,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(tmp_path):
 
 
 def test_state_dict_is_a_snapshot():
-    net, x, ys = make_problem()
+    _net, _x, _ys = make_problem()
     bal = train(lb.GradNorm(3).double(), 3)
     sd = bal.state_dict()
     saved = copy.deepcopy(sd)
