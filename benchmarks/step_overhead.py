@@ -13,8 +13,10 @@ task, batch 128, MSE per task, SGD on the model. For each T the script times
 Timing: blocks of ``--steps`` steps of the baseline and of the method, interleaved
 (a, b, a, b, ...) ``--reps`` times; the ratio is the median of the per-pair ratios, with the
 25th-75th percentile spread. Memory: the peak bytes live during one step (the profiler's
-allocation record on CPU, ``max_memory_allocated`` on CUDA), plus what lives across steps
-(parameters, optimizer state, the batch), as a ratio to the baseline's.
+allocation record on CPU, ``max_memory_allocated`` on CUDA) plus the buffers the balancer
+keeps between steps, plus what lives across steps for both (parameters, gradients, the
+batch), as a ratio to the baseline's (``peak_mem_ratio``); ``step_mem_ratio`` compares the
+per-step part alone.
 
     python benchmarks/step_overhead.py                      # T = 2, 10, 64 on 2 CPU threads
     python benchmarks/step_overhead.py --device cuda
@@ -52,7 +54,8 @@ class ToyModel(nn.Module):
 
 
 def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tensor]
-              ) -> Callable[[], None]:
+              ) -> tuple[Callable[[], None], int]:
+    """The step function and the bytes it keeps alive between steps beyond the model's."""
     T = len(ys)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     W = model.trunk[-2].weight
@@ -65,7 +68,7 @@ def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tens
             losses = [F.mse_loss(heads[i](h), ys[i]) for i in range(T)]
             torch.stack(losses).sum().backward()
             opt.step()
-        return step
+        return step, 0
 
     if method == "literal/W":
         w = torch.ones(T, device=x.device, requires_grad=True)
@@ -90,7 +93,7 @@ def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tens
             with torch.no_grad():
                 w.mul_(T / w.sum())
             opt.step()
-        return step
+        return step, 0
 
     path, where = method.split("/")
     bal = lb.GradNorm(T, alpha=0.12, lr=0.025).to(x.device)
@@ -103,7 +106,9 @@ def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tens
         shared = W if where == "W" else None if path == "fast" else h
         bal.backward(losses, shared=shared)
         opt.step()
-    return step
+
+    step()  # let the balancer allocate what it keeps
+    return step, bal.workspace_bytes
 
 
 def sync(device: torch.device) -> None:
@@ -159,8 +164,8 @@ def measure(T: int, method: str, args: argparse.Namespace, device: torch.device)
     model_b.load_state_dict(model_a.state_dict())
     x = torch.randn(args.batch, 250, device=device)
     ys = [torch.randn(args.batch, 100, device=device) for _ in range(T)]
-    plain = make_step("plain", model_a, x, ys)
-    other = make_step(method, model_b, x, ys)
+    plain, _ = make_step("plain", model_a, x, ys)
+    other, kept = make_step(method, model_b, x, ys)
     for _ in range(args.warmup):
         plain()
         other()
@@ -173,7 +178,7 @@ def measure(T: int, method: str, args: argparse.Namespace, device: torch.device)
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     resident = resident_bytes(model_a, x, ys)
     mem_plain = min(peak_step_bytes(plain, device) for _ in range(2))
-    mem_other = min(peak_step_bytes(other, device) for _ in range(2))
+    mem_other = min(peak_step_bytes(other, device) for _ in range(2)) + kept
     return {
         "tasks": T,
         "method": method,

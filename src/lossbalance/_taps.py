@@ -10,10 +10,12 @@ network, no ``create_graph``). When h is ``act(x @ W.T + b)`` (an ``nn.Linear`` 
 element-wise activations) the product is formed directly: delta_i = g_i * act'(z),
 dW_i = delta_i^T x, db_i = sum_b delta_i, one batched matmul for all tasks.
 
-General path (no tap): the T per-task gradients dL_i/d(shared) come from one batched
-``torch.autograd.grad`` over the stacked losses with the identity as cotangents
-(``is_grads_batched=True``), falling back to one ``autograd.grad`` per task when an operator in
-the graph has no batching rule.
+General path (no tap): the T per-task gradients dL_i/d(shared) come from one
+``torch.autograd.grad`` per task (each walks head i and the trunk above ``shared`` only), or
+from one batched ``autograd.grad`` over the stacked losses with the identity as cotangents
+(``is_grads_batched=True``), which falls back to the loop when an operator has no batching
+rule. The batched product walks every head once per task (T^2 head work): on the paper's toy
+network it measured 2.8x the plain step at T=10 and 10.8x at T=64, the loop 1.8x and 1.9x.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def norms_from_tap_grads(
 
 
 def per_task_norms(
-    losses: Sequence[Tensor], shared: Sequence[Tensor], batched: bool = True
+    losses: Sequence[Tensor], shared: Sequence[Tensor], batched: bool = False
 ) -> Tensor:
     """Norms ||dL_i/d(shared)|| for each task, over all ``shared`` tensors together.
 

@@ -37,12 +37,15 @@ def shared_of(net, where, h):
 
 
 def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr=0.025):
+    general_path = "batched" if path == "batched" else "loop"
+    path = "general" if path == "batched" else path
     net, x, ys = make_problem(dtype=dtype, act=act)
     T = len(ys)
     net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
     opt_a = torch.optim.SGD(net_a.parameters(), lr=1e-3)
     opt_b = torch.optim.SGD(net_b.parameters(), lr=1e-3)
-    bal = lb.GradNorm(T, alpha=alpha, lr=lr, optimizer=optimizer).to(dtype)
+    bal = lb.GradNorm(T, alpha=alpha, lr=lr, optimizer=optimizer,
+                      general_path=general_path).to(dtype)
     lit = LiteralGradNorm(T, alpha, lr, optimizer=optimizer, dtype=dtype)
     for _ in range(steps):
         opt_a.zero_grad()
@@ -71,6 +74,7 @@ def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr
 @pytest.mark.parametrize("path,where", [
     ("fast", "W"), ("fast", "Wb"), ("fast", "h"), ("fast", "trunk"),
     ("general", "W"), ("general", "h"), ("general", "trunk"),
+    ("batched", "W"), ("batched", "trunk"),
 ])
 def test_matches_literal_algorithm(path, where, optimizer):
     bal = run_both(path, where, optimizer, torch.float64)

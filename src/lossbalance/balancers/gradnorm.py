@@ -59,6 +59,11 @@ class GradNorm(Balancer):
         min_weight: floor applied to the weights after the optimizer step and before
             renormalisation, so every weight stays > 0: w <- T * max(w, min_weight) /
             sum_j max(w_j, min_weight).
+        general_path: how per-task gradients are formed without a tap: "loop" (default, one
+            ``autograd.grad`` per task from L_i to ``shared``: each walks only head i and the
+            trunk above ``shared``) or "batched" (one vmapped ``autograd.grad`` over all tasks,
+            which walks every head T times: faster only when heads are tiny next to the
+            trunk above ``shared``).
         task_names: names, to pass losses as a dict and to name tasks in errors.
         on_nonfinite: "raise" (default) or "skip" for non-finite losses or gradient norms.
 
@@ -76,6 +81,7 @@ class GradNorm(Balancer):
         optimizer_kwargs: dict[str, Any] | None = None,
         initial_losses: Sequence[float] | Tensor | None = None,
         min_weight: float = 1e-6,
+        general_path: str = "loop",
         task_names: Sequence[str] | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
@@ -83,6 +89,9 @@ class GradNorm(Balancer):
         self.alpha = _checks.check_nonnegative("alpha", alpha)
         self.lr = _checks.check_positive("lr", lr)
         self.min_weight = _checks.check_positive("min_weight", min_weight)
+        if general_path not in ("loop", "batched"):
+            raise ValueError(f"general_path must be 'loop' or 'batched', got {general_path!r}")
+        self.general_path = general_path
         self._optimizer_cls = optimizer
         self._optimizer_kwargs = dict(optimizer_kwargs or {})
         self.register_buffer("task_weights", torch.ones(num_tasks))
@@ -120,6 +129,11 @@ class GradNorm(Balancer):
     @property
     def weights(self) -> Tensor:
         return self.task_weights.detach().clone()
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of the buffers the fast path keeps between steps (not in ``state_dict``)."""
+        return self._workspace.nbytes()
 
     def tap(self, h: Tensor) -> tuple[Tensor, ...]:
         """Aliases of ``h``, one per task head: the fast path (one backward for all norms).
@@ -224,7 +238,7 @@ class GradNorm(Balancer):
             w_n = w.to(grad_norm_w)
             grad_norm = grad_norm_w / w_n  # ||grad_W L_i||
         else:
-            grad_norm = per_task_norms(losses, shared_list)
+            grad_norm = per_task_norms(losses, shared_list, self.general_path == "batched")
             if _checks.first_nonfinite(grad_norm) is not None:  # name the right task
                 grad_norm = per_task_norms(losses, shared_list, batched=False)
             w_n = w.to(grad_norm)
