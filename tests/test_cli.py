@@ -1,0 +1,111 @@
+"""The `lossbalance toy` command, driven in-process with tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from lossbalance.cli import main
+
+TINY = ["--steps", "12", "--seeds", "2", "--alphas", "0,1", "--log-every", "3",
+        "--eval-every", "6", "--quiet"]
+
+
+def read_csv(path):
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "toy"
+    assert main(["toy", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_outputs_and_columns(tiny_run, capsys):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert names == {"metrics.csv", "summary.json", "summary.md", "weights.png",
+                     "loss_ratios.png", "test_loss_by_method.png", "test_loss_vs_alpha.png"}
+    rows = read_csv(tiny_run / "metrics.csv")
+    expected = {"method", "alpha", "seed", "step"} | {
+        f"{c}_{i}" for c in ("loss", "weight", "loss_ratio", "grad_norm", "test_loss")
+        for i in range(2)}
+    assert set(rows[0]) == expected
+    runs = {(r["method"], r["alpha"], r["seed"]) for r in rows}
+    # 5 methods + GradNorm at alphas 0 and 1 (0.12 is the main run), 2 seeds
+    assert len(runs) == 7 * 2
+    for r in rows:
+        assert float(r["loss_0"]) > 0 and float(r["weight_0"]) > 0
+        assert r["grad_norm_0"] != ""
+    steps = sorted({int(r["step"]) for r in rows if r["method"] == "equal" and r["seed"] == "0"})
+    assert steps == [0, 3, 6, 9, 11]
+    evals = [r for r in rows if r["test_loss_0"] != ""]
+    assert {int(r["step"]) for r in evals} == {0, 6, 11}
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert set(summary["methods"]) == {"equal", "gradnorm", "uncertainty", "static", "dtp"}
+    assert set(summary["alpha_sweep"]) == {"0.0", "0.12", "1.0"}
+    gn = summary["methods"]["gradnorm"]
+    assert gn["normalized_test_loss"]["n"] == 2
+    assert abs(sum(w["mean"] for w in gn["final_weights"]) - 2) < 1e-4
+    static = summary["methods"]["static"]["final_weights"]
+    for a, b in zip(static, gn["final_weights"], strict=True):
+        assert abs(a["mean"] - b["mean"]) < 1e-5  # static holds GradNorm's final weights
+    md = (tiny_run / "summary.md").read_text()
+    assert "| gradnorm |" in md and "sigma_i^2" in md
+    for png in ("weights.png", "loss_ratios.png"):
+        assert (tiny_run / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_deterministic(tiny_run, tmp_path):
+    again = tmp_path / "again"
+    assert main(["toy", "--out", str(again), *TINY]) == 0
+    assert (again / "metrics.csv").read_text() == (tiny_run / "metrics.csv").read_text()
+
+
+def test_more_tasks_and_method_subset(tmp_path):
+    out = tmp_path / "t4"
+    assert main(["toy", "--out", str(out), "--tasks", "4", "--methods", "equal,static",
+                 "--alphas", "", "--steps", "5", "--seeds", "1", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    sig = summary["config"]["sigmas"]
+    assert len(sig) == 4 and sig[0] == 1 and abs(sig[-1] - 100) < 1e-9
+    assert set(summary["methods"]) == {"equal", "static"}
+    assert not (out / "test_loss_vs_alpha.png").exists() or summary["alpha_sweep"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tasks", "1"], "--tasks must be an integer >= 2"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),
+    (["--methods", "equal,magic"], "unknown method 'magic'"),
+    (["--methods", "equal,,gradnorm"], "has an empty entry"),
+    (["--alphas", "0,-1"], "alpha must be a finite number >= 0"),
+    (["--alphas", "0,x"], "is not a comma-separated list"),
+    (["--alpha", "-0.5"], "alpha must be a finite number >= 0"),
+    (["--seeds", "0"], "--seeds must be an integer >= 1"),
+    (["--steps", "ten"], "'ten' is not a valid integer"),
+    (["--bogus"], "No such option"),
+])
+def test_bad_flags(tmp_path, capsys, flags, message):
+    out = tmp_path / "bad"
+    code = main(["toy", "--out", str(out), "--quiet", *flags])
+    assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_refuses_non_empty_out_unless_forced(tmp_path, capsys):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["toy", "--out", str(out), "--steps", "2", "--seeds", "1", "--alphas", "",
+                 "--methods", "equal", "--quiet"]) != 0
+    assert "is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(["toy", "--out", str(out), "--steps", "2", "--seeds", "1", "--alphas", "",
+                 "--methods", "equal", "--quiet", "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "metrics.csv").exists()
