@@ -26,34 +26,28 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import (
+    TrunkHeads,
+    interleaved_ratio,
+    machine_name,
+    peak_step_bytes,
+    resident_bytes,
+)
 
 import lossbalance as lb
 
 METHODS = ("fast/W", "fast/h", "general/W", "general/h", "literal/W")
 
 
-class ToyModel(nn.Module):
-    def __init__(self, num_tasks: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width_in = 250
-        for _ in range(4):
-            layers += [nn.Linear(width_in, 100), nn.ReLU()]
-            width_in = 100
-        self.trunk = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Linear(100, 100) for _ in range(num_tasks))
-
-
-def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tensor]
+def make_step(method: str, model: TrunkHeads, x: torch.Tensor, ys: list[torch.Tensor]
               ) -> tuple[Callable[[], None], int]:
     """The step function and the bytes it keeps alive between steps beyond the model's."""
     T = len(ys)
@@ -111,56 +105,10 @@ def make_step(method: str, model: ToyModel, x: torch.Tensor, ys: list[torch.Tens
     return step, bal.workspace_bytes
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_block(step: Callable[[], None], n: int, device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    sync(device)
-    return (time.perf_counter() - t0) / n
-
-
-def resident_bytes(model: nn.Module, x: torch.Tensor, ys: list[torch.Tensor]) -> int:
-    """Bytes that live across steps: parameters, their gradients, the batch."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    data = x.numel() * x.element_size() + sum(y.numel() * y.element_size() for y in ys)
-    return 2 * params + data
-
-
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one step, above what was live before it."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def measure(T: int, method: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model_a = ToyModel(T).to(device)
-    model_b = ToyModel(T).to(device)
+    model_a = TrunkHeads(T).to(device)
+    model_b = TrunkHeads(T).to(device)
     model_b.load_state_dict(model_a.state_dict())
     x = torch.randn(args.batch, 250, device=device)
     ys = [torch.randn(args.batch, 100, device=device) for _ in range(T)]
@@ -169,23 +117,17 @@ def measure(T: int, method: str, args: argparse.Namespace, device: torch.device)
     for _ in range(args.warmup):
         plain()
         other()
-    ratios, base_times = [], []
-    for _ in range(args.reps):
-        a = time_block(plain, args.steps, device)
-        b = time_block(other, args.steps, device)
-        ratios.append(b / a)
-        base_times.append(a)
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-    resident = resident_bytes(model_a, x, ys)
+    timing = interleaved_ratio(plain, other, args.reps, args.steps, device)
+    resident = resident_bytes(model_a, [x, *ys])
     mem_plain = min(peak_step_bytes(plain, device) for _ in range(2))
     mem_other = min(peak_step_bytes(other, device) for _ in range(2)) + kept
     return {
         "tasks": T,
         "method": method,
-        "plain_ms": round(statistics.median(base_times) * 1e3, 3),
-        "time_ratio": round(statistics.median(ratios), 3),
-        "ratio_p25": round(q[0], 3),
-        "ratio_p75": round(q[2], 3),
+        "plain_ms": round(timing["base_ms"], 3),
+        "time_ratio": round(timing["ratio"], 3),
+        "ratio_p25": round(timing["p25"], 3),
+        "ratio_p75": round(timing["p75"], 3),
         "peak_mem_ratio": round((resident + mem_other) / (resident + mem_plain), 3),
         "step_mem_ratio": round(mem_other / mem_plain, 3),
     }
@@ -205,10 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    machine = (
-        torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    )
+    machine = machine_name(device, args.threads)
     print(f"# lossbalance step overhead on {machine}, torch {torch.__version__}")
     header = ("tasks", "method", "plain_ms", "time_ratio", "ratio_p25", "ratio_p75",
               "peak_mem_ratio", "step_mem_ratio")
