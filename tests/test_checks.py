@@ -85,14 +85,28 @@ def test_bad_losses_raise_and_change_nothing(setup, make_losses, shared, error, 
     assert_unchanged(net, bal, snap)
 
 
-def test_task_not_using_its_tap_is_an_error(setup):
+def test_task_not_using_the_tap_is_an_error(setup):
     net, x, ys, bal = setup
     h = net.trunk(x)
     f = bal.tap(h)
     losses = losses_for(net, x, ys, f)
-    losses[1] = F.mse_loss(net.heads[1](h), ys[1])  # head 1 bypasses its alias
+    losses[1] = F.mse_loss(net.heads[1](net.trunk(x)), ys[1])  # head 1 on another forward
     snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match=r"task 1 \('b'\) does not reach its tapped feature"):
+    with pytest.raises(ValueError, match=r"task 1 \('b'\) does not reach the tapped"):
+        bal.backward(losses, shared=net.last_shared)
+    assert_unchanged(net, bal, snap)
+
+
+def test_tasks_sharing_an_operation_on_the_tap_is_an_error(setup):
+    net, x, ys, bal = setup
+    h = net.trunk(x)
+    f = bal.tap(h)
+    doubled = f[0] * 2  # heads 0 and 2 both read this: not separable at h
+    losses = losses_for(net, x, ys, f)
+    losses[0] = F.mse_loss(net.heads[0](doubled), ys[0])
+    losses[2] = F.mse_loss(net.heads[2](doubled), ys[2])
+    snap = snapshot(net, bal)
+    with pytest.raises(ValueError, match=r"task 0 \('a'\) and task 2 \('c'\) share an"):
         bal.backward(losses, shared=net.last_shared)
     assert_unchanged(net, bal, snap)
 
@@ -120,7 +134,7 @@ def test_shared_none_without_tap_is_an_error(setup):
 def test_stale_tap_is_an_error(setup):
     net, x, ys, bal = setup
     bal.tap(net.trunk(x))  # tapped, then not used by the heads
-    with pytest.raises(ValueError, match=r"task 0 \('a'\) does not reach its tapped feature"):
+    with pytest.raises(ValueError, match=r"task 0 \('a'\) does not reach the tapped"):
         bal.backward(losses_for(net, x, ys, (net.trunk(x),) * T), net.last_shared)
     # A tap serves one step only: the next call without a new tap takes the general path.
     bal.backward(losses_for(net, x, ys, (net.trunk(x),) * T), net.last_shared)

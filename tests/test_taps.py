@@ -1,10 +1,11 @@
-"""Per-task norms from the tap and the batched products equal per-task autograd.grad."""
+"""Per-task norms from the tap's hooks and from the general path equal per-task autograd.grad."""
 
 import pytest
 import torch
 from torch import nn
 
-from lossbalance._taps import Tap, Workspace, linear_pattern, norms_from_tap_grads, per_task_norms
+from lossbalance._graph import consumers_of
+from lossbalance._taps import Capture, Workspace, linear_pattern, per_task_norms
 
 
 def per_task_reference(losses, shared):
@@ -15,52 +16,81 @@ def per_task_reference(losses, shared):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Identity])
-@pytest.mark.parametrize("chunk", [1, 2, None])
+def captured_norms(losses, h, shared, chunk=16, pattern="auto"):
+    consumers, problem = consumers_of(losses, h)
+    assert problem is None
+    if pattern == "auto":
+        pattern = linear_pattern(h, shared)
+    cap = Capture(len(losses), h, shared, pattern, Workspace(), chunk)
+    handles = cap.install(consumers)
+    torch.autograd.backward(torch.stack(losses).sum())
+    for handle in handles:
+        handle.remove()
+    return cap.finish()
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.GELU,
+                                 nn.Softplus, nn.LeakyReLU, nn.Hardtanh, nn.Identity])
+@pytest.mark.parametrize("chunk", [1, 2, 16])
 @pytest.mark.parametrize("which", ["W", "b", "Wb"])
 def test_linear_pattern_norms(act, chunk, which):
     torch.manual_seed(0)
     lin = nn.Linear(6, 5).double()
     x = torch.randn(7, 6, dtype=torch.float64)
     h = act()(lin(x))
-    T = 3
-    tap = Tap(h, T)
-    heads = [nn.Linear(5, 2).double() for _ in range(T)]
-    losses = [heads[i](tap.feats[i]).pow(2).mean() * (i + 1) for i in range(T)]
+    heads = [nn.Linear(5, 2).double() for _ in range(3)]
+    losses = [heads[i](h).pow(2).mean() * (i + 1) for i in range(3)]
     shared = {"W": [lin.weight], "b": [lin.bias], "Wb": [lin.weight, lin.bias]}[which]
     pattern = linear_pattern(h, shared)
-    if act is nn.Identity:
-        assert pattern is not None and pattern[0] == []
     assert pattern is not None
     ref = per_task_reference(losses, shared)
-    got = {}
-
-    def hook(g):
-        got["n"] = norms_from_tap_grads(g, h, shared, Workspace(), pattern, chunk)
-
-    tap.expanded.register_hook(hook)
-    torch.autograd.backward(torch.stack(losses).sum())
-    torch.testing.assert_close(got["n"], ref)
+    torch.testing.assert_close(captured_norms(losses, h, shared, chunk), ref)
 
 
-def test_pattern_rejects_other_layers_and_generic_path_still_exact():
+@pytest.mark.parametrize("shared_kind", ["none", "conv"])
+def test_generic_layer_and_norms_at_h(shared_kind):
     torch.manual_seed(0)
     conv = nn.Conv1d(2, 3, 3).double()
     x = torch.randn(4, 2, 8, dtype=torch.float64)
     h = torch.relu(conv(x)).flatten(1)
+    heads = [nn.Linear(h.shape[1], 1).double() for _ in range(3)]
+    losses = [heads[i](h).pow(2).mean() * (i + 1) for i in range(3)]
+    shared = [conv.weight] if shared_kind == "conv" else []
     assert linear_pattern(h, [conv.weight]) is None
-    tap = Tap(h, 2)
-    heads = [nn.Linear(h.shape[1], 1).double() for _ in range(2)]
-    losses = [heads[i](tap.feats[i]).pow(2).mean() for i in range(2)]
-    ref = per_task_reference(losses, [conv.weight])
-    got = {}
+    ref = per_task_reference(losses, shared or [h])
+    torch.testing.assert_close(captured_norms(losses, h, shared), ref)
 
-    def hook(g):
-        got["n"] = norms_from_tap_grads(g, h, [conv.weight], Workspace())
 
-    tap.expanded.register_hook(hook)
-    torch.autograd.backward(torch.stack(losses).sum())
-    torch.testing.assert_close(got["n"], ref)
+@pytest.mark.parametrize("at_weight", [True, False])
+def test_head_reading_h_twice_sums_its_contributions(at_weight):
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 5).double()
+    h = torch.tanh(lin(torch.randn(6, 4, dtype=torch.float64)))
+    a, b = nn.Linear(5, 5).double(), nn.Linear(5, 1).double()
+    losses = [b(a(h) + h).pow(2).mean(), (h ** 3).sum(), b(h).abs().mean()]
+    consumers, _ = consumers_of(losses, h)
+    assert [len(c) for c in consumers] == [2, 1, 1]
+    shared = [lin.weight] if at_weight else []
+    ref = per_task_reference(losses, shared or [h])
+    torch.testing.assert_close(captured_norms(losses, h, shared), ref)
+
+
+def test_losses_taken_from_a_stack_are_told_apart():
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True) * 1.0
+    heads = [nn.Linear(3, 1).double() for _ in range(3)]
+    stacked = torch.stack([heads[i](h).pow(2).mean() * (i + 1) for i in range(3)])
+    for losses in (list(stacked.unbind(0)), [stacked[i] for i in range(3)]):
+        consumers, problem = consumers_of(losses, h)
+        assert problem is None and [len(c) for c in consumers] == [1, 1, 1]
+
+
+def test_consumers_report_problems():
+    h = torch.randn(3, 2, requires_grad=True) * 1.0
+    other = torch.randn(3, 2, requires_grad=True)
+    shared_op = h * 2
+    assert consumers_of([h.sum(), other.sum()], h)[1] == ("unreached", 1)
+    assert consumers_of([shared_op.sum(), shared_op.mean(), h.sum()], h)[1] == ("shared", 0, 1)
 
 
 @pytest.mark.parametrize("batched", [True, False])

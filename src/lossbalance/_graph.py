@@ -33,6 +33,72 @@ def _key(edge: GradientEdge) -> tuple[int, int]:
     return (id(edge.node), edge.output_nr)
 
 
+def _start_node(loss: Tensor) -> object | None:
+    """Where gradients from ``loss`` enter the graph.
+
+    A loss taken out of a stacked tensor (``torch.stack(losses)[i]`` or its ``unbind``) starts
+    at the i-th input of the stack, not at the stack that all tasks share.
+    """
+    node = loss.grad_fn
+    if node is None or type(node).__name__ not in ("UnbindBackward0", "SelectBackward0"):
+        return node
+    saved = node  # autograd exposes a node's saved arguments as _saved_* attributes
+    if saved._saved_dim != 0:  # type: ignore[attr-defined]
+        return node
+    unbind = type(node).__name__ == "UnbindBackward0"
+    index = loss.output_nr if unbind else saved._saved_index  # type: ignore[attr-defined]
+    src = node.next_functions[0][0]
+    if src is None or type(src).__name__ != "StackBackward0":
+        return node
+    if src._saved_dim != 0:  # type: ignore[attr-defined]
+        return node
+    if not isinstance(index, int) or not 0 <= index < len(src.next_functions):
+        return node
+    return src.next_functions[index][0]
+
+
+def consumers_of(losses: Sequence[Tensor], h: Tensor
+                 ) -> tuple[list[list[tuple[object, int]]], tuple | None]:
+    """For each loss, the autograd nodes that take h as an input, with the input's index.
+
+    A post-hook on such a node sees that task's gradient at h as soon as it is formed, before
+    autograd adds it to the other tasks'. Returns (consumers, problem): ``problem`` is None,
+    ``("unreached", i)`` when loss i does not depend on h, or ``("shared", i, j)`` when a node
+    that feeds h serves losses i and j both (their gradients at h are not separable there).
+    """
+    edge = get_gradient_edge(h)
+    h_node, h_nr = edge.node, edge.output_nr
+    consumers: list[list[tuple[object, int]]] = []
+    visited: list[dict[int, object]] = []
+    for i, loss in enumerate(losses):
+        found: list[tuple[object, int]] = []
+        start = _start_node(loss)
+        seen: dict[int, object] = {} if start is None else {id(start): start}
+        stack = [] if start is None else [start]
+        while stack:
+            node = stack.pop()
+            for k, (nxt, nr) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                if nxt is h_node:
+                    if nr == h_nr:
+                        found.append((node, k))
+                    continue
+                if id(nxt) not in seen:
+                    seen[id(nxt)] = nxt
+                    stack.append(nxt)
+        if not found:
+            return consumers, ("unreached", i)
+        consumers.append(found)
+        visited.append(seen)
+    for i, found in enumerate(consumers):
+        for node, _ in found:
+            for j, seen in enumerate(visited):
+                if j != i and id(node) in seen:
+                    return consumers, ("shared", min(i, j), max(i, j))
+    return consumers, None
+
+
 def reaches_output(root: Tensor, node: object, output_nr: int) -> bool:
     """Whether gradients from ``root`` flow into output ``output_nr`` of autograd ``node``.
 

@@ -1,14 +1,16 @@
 """Per-task gradient capture: norms of each task's gradient at h or at shared parameters.
 
-Fast path (``tap``): the shared representation h [B, ...] is expanded once to a view
-h_T [T, B, ...] and each head gets its own slice ``h_T[i]``. One ordinary backward of
-sum_i w_i L_i then delivers, in a single hook on h_T, every task's weighted gradient at h:
-g_i = w_i dL_i/dh, stacked as [T, B, ...]. Norms at h are ||g_i||. Norms at shared parameters
-upstream of h come from one batched vector-Jacobian product of h with the T cotangents g_i,
-run inside the hook while that part of the graph is still alive (no ``retain_graph`` on the
-network, no ``create_graph``). When h is ``act(x @ W.T + b)`` (an ``nn.Linear`` followed by
-element-wise activations) the product is formed directly: delta_i = g_i * act'(z),
-dW_i = delta_i^T x, db_i = sum_b delta_i, one batched matmul for all tasks.
+Fast path (``tap``): every head consumes the shared representation h itself. Before the one
+ordinary backward of sum_i w_i L_i, the graph is walked from each loss to find the autograd
+nodes of its head that take h as an input; a post-hook on each such node sees
+g_i = w_i dL_i/dh the moment it is formed, before autograd adds it to the other tasks'
+gradients at h. So nothing of size T x |h| is ever held: memory stays that of the plain step.
+Norms at h are ||g_i||. Norms at shared parameters upstream of h: when h is
+``act(x @ W.T + b)`` (an ``nn.Linear`` then element-wise activations) the hooks write
+delta_i = g_i * act'(z) into a small kept buffer and every ``chunk`` tasks one batched matmul
+forms dW_i = delta_i^T x (and db_i = sum_b delta_i); for any other layer each hook runs one
+vector-Jacobian product from h to the shared tensors, whose graph is still alive then (no
+``retain_graph`` on the network, no ``create_graph``).
 
 General path (no tap): the T per-task gradients dL_i/d(shared) come from one
 ``torch.autograd.grad`` per task (each walks head i and the trunk above ``shared`` only), or
@@ -42,26 +44,17 @@ _ELEMENTWISE = frozenset(
 
 
 class Tap:
-    """One step's tap of a shared representation h for ``num_tasks`` heads.
+    """One step's tap of the shared representation h: remembered until ``backward``."""
 
-    ``feats[i]`` is the alias of h that head i must consume. After the backward, ``grads``
-    holds the [T, *h.shape] stack of the tasks' (weighted) gradients at h, and ``norms`` the
-    per-task norms at the requested shared tensors.
-    """
+    __slots__ = ("h",)
 
-    __slots__ = ("expanded", "feats", "h", "norms")
-
-    def __init__(self, h: Tensor, num_tasks: int) -> None:
+    def __init__(self, h: Tensor) -> None:
         self.h = h
-        self.expanded = h.unsqueeze(0).expand(num_tasks, *h.shape)
-        self.feats: tuple[Tensor, ...] = self.expanded.unbind(0)
-        self.norms: Tensor | None = None
 
 
 def _flat_norms(g: Tensor) -> Tensor:
     """Row-wise Euclidean norms of a [T, ...] stack, accumulated in float32 or wider."""
-    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=dtype)
+    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=_norm_dtype(g))
 
 
 def _joint_norms(grads: Sequence[Tensor | None], num_tasks: int, like: Tensor) -> Tensor:
@@ -138,66 +131,111 @@ class Workspace:
         self._buffers.clear()
 
 
-def _linear_norms(
-    g: Tensor, h: Tensor, pattern: tuple[list, Tensor, dict], shared: Sequence[Tensor],
-    workspace: Workspace, chunk: int,
-) -> Tensor:
-    acts, x, roles = pattern
-    num_tasks = g.shape[0]
-    jac = None
-    if acts:
-        # act'(z) as the VJP of the activation chain applied to ones (diagonal Jacobian).
-        jac = torch.ones_like(h)
-        for node in acts:
-            jac = node(jac)
-    want_weight = any(roles[id(p)] == "weight" for p in shared)
-    want_bias = any(roles[id(p)] == "bias" for p in shared)
-    sq = torch.zeros(num_tasks, dtype=torch.float64 if g.dtype == torch.float64
-                     else torch.float32, device=g.device)
-    for start in range(0, num_tasks, chunk):
-        stop = min(start + chunk, num_tasks)
-        n = stop - start
-        if jac is None:
-            delta = g[start:stop]
-        else:
-            delta = workspace.get("delta", (chunk, *g.shape[1:]), g)[:n]
-            torch.mul(g[start:stop], jac, out=delta)
-        if want_weight:
-            dw = workspace.get("dw", (chunk, g.shape[2], x.shape[1]), g)[:n]
-            torch.matmul(delta.transpose(1, 2), x, out=dw)  # dW_i = delta_i^T x
-            sq[start:stop] += torch.linalg.vector_norm(dw.reshape(n, -1), dim=1,
-                                                       dtype=sq.dtype).square()
-        if want_bias:
-            sq[start:stop] += torch.linalg.vector_norm(delta.sum(dim=1), dim=1,
-                                                       dtype=sq.dtype).square()
-    return sq.sqrt()
+class Capture:
+    """Collects each task's gradient at h from post-hooks on its head's consumer nodes.
 
-
-def norms_from_tap_grads(
-    g: Tensor, h: Tensor, shared: Sequence[Tensor] | None, workspace: Workspace,
-    pattern: tuple[list, Tensor, dict] | None = None, chunk: int | None = None,
-) -> Tensor:
-    """Per-task norms of the gradients whose stack at h is ``g`` [T, *h.shape].
-
-    ``shared=None``: norms at h itself. Otherwise norms at the ``shared`` tensors upstream of h,
-    by one batched VJP from h (called inside the tap's hook, while the graph is alive).
+    ``install(consumers)`` registers the hooks (one per node that takes h as input); after the
+    backward, ``finish()`` returns G_i, the norm of the task's weighted gradient at the
+    shared tensors (or at h when ``shared`` is empty).
     """
-    if not shared:
-        return _flat_norms(g)
-    if pattern is not None:
+
+    def __init__(self, num_tasks: int, h: Tensor, shared: Sequence[Tensor],
+                 pattern: tuple[list, Tensor, dict] | None, workspace: Workspace,
+                 chunk: int) -> None:
+        self.num_tasks, self.h, self.shared = num_tasks, h, list(shared)
+        self.pattern, self.workspace = pattern, workspace
+        self.norms: list[Tensor | None] = [None] * num_tasks
+        self.remaining: list[int] = []
+        self.partial: dict[int, Tensor] = {}
+        self.chunk = max(1, min(chunk, num_tasks))
+        self.filled: list[int] = []  # tasks whose delta sits in the chunk buffer
+        self.jac: Tensor | None = None
+        if pattern is not None:
+            acts = pattern[0]
+            if acts:
+                with torch.no_grad():  # act'(z): the activation chain's VJP of ones
+                    jac = torch.ones_like(h)
+                    for node in acts:
+                        jac = node(jac)
+                self.jac = jac
+
+    def install(self, consumers: list[list[tuple[object, int]]]) -> list:
+        self.remaining = [len(edges) for edges in consumers]
+        handles = []
+        for i, edges in enumerate(consumers):
+            for node, k in edges:
+                handles.append(node.register_hook(self._hook(i, k)))  # type: ignore[attr-defined]
+        return handles
+
+    def _hook(self, i: int, k: int):
+        def hook(grad_inputs, grad_outputs):
+            g = grad_inputs[k]
+            if g is None:
+                g = torch.zeros_like(self.h)
+            self.remaining[i] -= 1
+            if self.remaining[i] or i in self.partial:  # a head that uses h more than once
+                self.partial[i] = g if i not in self.partial else self.partial[i] + g
+                if self.remaining[i]:
+                    return
+                g = self.partial.pop(i)
+            self._task_ready(i, g)
+        return hook
+
+    def _task_ready(self, i: int, g: Tensor) -> None:
+        if not self.shared:
+            self.norms[i] = torch.linalg.vector_norm(g, dtype=_norm_dtype(g))
+        elif self.pattern is not None:
+            with torch.no_grad():
+                slot = len(self.filled)
+                delta = self.workspace.get("delta", (self.chunk, *g.shape), g)
+                if self.jac is None:
+                    delta[slot].copy_(g)
+                else:
+                    torch.mul(g, self.jac, out=delta[slot])
+                self.filled.append(i)
+                if len(self.filled) == self.chunk:
+                    self._flush()
+        else:
+            grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
+                                        allow_unused=True)
+            self.norms[i] = _joint_norms([t.unsqueeze(0) for t in grads if t is not None],
+                                         1, g)[0]
+
+    def _flush(self) -> None:
+        n = len(self.filled)
+        if not n:
+            return
+        _, x, roles = self.pattern  # type: ignore[misc]
+        delta = self.workspace.get("delta", (self.chunk, *self.h.shape), self.h)[:n]
+        sq = None
+        for p in self.shared:
+            if roles[id(p)] == "weight":
+                dw = self.workspace.get("dw", (self.chunk, delta.shape[2], x.shape[1]),
+                                        delta)[:n]
+                torch.matmul(delta.transpose(1, 2), x, out=dw)  # dW_i = delta_i^T x
+                part = torch.linalg.vector_norm(dw.reshape(n, -1), dim=1,
+                                                dtype=_norm_dtype(dw)).square()
+            else:
+                part = torch.linalg.vector_norm(delta.sum(dim=1), dim=1,
+                                                dtype=_norm_dtype(delta)).square()
+            sq = part if sq is None else sq + part
+        norms = sq.sqrt()  # type: ignore[union-attr]
+        for slot, i in enumerate(self.filled):
+            self.norms[i] = norms[slot]
+        self.filled = []
+
+    def finish(self) -> Tensor:
+        """G_i for every task, once the backward has run all the hooks."""
         with torch.no_grad():
-            return _linear_norms(g, h, pattern, shared, workspace, chunk or g.shape[0])
-    try:
-        grads = torch.autograd.grad(
-            h, list(shared), g, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-        return _joint_norms(grads, g.shape[0], g)
-    except RuntimeError:  # an operator without a batching rule: one VJP per task
-        rows = []
-        for gi in g:
-            task = torch.autograd.grad(h, list(shared), gi, retain_graph=True, allow_unused=True)
-            rows.append(_joint_norms([t.unsqueeze(0) for t in task if t is not None], 1, g)[0])
-        return torch.stack(rows)
+            self._flush()
+        missing = [i for i, n in enumerate(self.norms) if n is None]
+        if missing:  # the graph walk promised every task a consumer node
+            raise RuntimeError(f"no gradient at h was seen for tasks {missing}")
+        return torch.stack(self.norms)  # type: ignore[arg-type]
+
+
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def per_task_norms(

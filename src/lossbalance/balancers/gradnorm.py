@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _graph
-from .._taps import Tap, Workspace, linear_pattern, norms_from_tap_grads, per_task_norms
+from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms
 from .base import Balancer, SharedLike
 
 
@@ -113,7 +113,7 @@ class GradNorm(Balancer):
         self._optimizer = self._make_optimizer()
         self._tap: Tap | None = None
         self._workspace = Workspace()
-        self._chunk: int | None = None
+        self._chunk = 16  # tasks a batched matmul at the shared layer serves
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         try:
@@ -136,39 +136,47 @@ class GradNorm(Balancer):
         return self._workspace.nbytes()
 
     def tap(self, h: Tensor) -> tuple[Tensor, ...]:
-        """Aliases of ``h``, one per task head: the fast path (one backward for all norms).
+        """Mark ``h`` as the shared representation the heads consume: the fast path.
 
-        Head i must consume ``feats[i]``; ``backward`` then reads every task's gradient at h
-        from a single hook and, when ``shared`` is given, maps it to the shared parameters
-        upstream of h with one batched vector-Jacobian product.
+        Returns ``h`` once per task (feed ``feats[i]`` to head i). ``backward`` then finds,
+        in the graph, the operations of each head that read h and hooks them, so one ordinary
+        backward yields every task's gradient at h; with ``shared`` parameters upstream of h
+        it maps them there (see ``lossbalance._taps``).
         """
         if not isinstance(h, Tensor):
             raise TypeError(f"tap expects a tensor, got {type(h).__name__}")
         if not h.requires_grad:
             raise ValueError("tap(h): h does not require grad, so no task gradient can reach it")
-        self._tap = Tap(h, self.num_tasks)
-        return self._tap.feats
+        self._tap = Tap(h)
+        return (h,) * self.num_tasks
 
     # ------------------------------------------------------------------ validation
-    def _check_fast_graph(
-        self, losses: list[Tensor], tap: Tap, shared: list[Tensor]
-    ) -> tuple[list, Tensor, dict] | None:
-        """Each loss must reach its own slice of the tap, and h every shared tensor.
+    def _check_fast_graph(self, losses: list[Tensor], tap: Tap, shared: list[Tensor]
+                          ) -> tuple[list, tuple[list, Tensor, dict] | None]:
+        """Each loss must reach h through operations of its own, and h every shared tensor.
 
-        Returns the ``nn.Linear`` pattern of h when it matches (see ``_taps.linear_pattern``).
+        Returns the consumer nodes of h per task and the ``nn.Linear`` pattern of h when it
+        matches (see ``_taps.linear_pattern``).
         """
-        node = tap.feats[0].grad_fn
-        for i, loss in enumerate(losses):
-            if not _graph.reaches_output(loss, node, i):
+        consumers, problem = _graph.consumers_of(losses, tap.h)
+        if problem is not None:
+            if problem[0] == "unreached":
                 raise ValueError(
-                    f"the loss of {_checks.task_label(i, self.task_names)} does not reach its "
-                    f"tapped feature feats[{i}] (did its head consume bal.tap(h)[{i}] "
-                    "of this step?)"
+                    f"the loss of {_checks.task_label(problem[1], self.task_names)} does not "
+                    "reach the tapped representation h (did its head consume bal.tap(h) of "
+                    "this step?)"
                 )
+            _, i, j = problem
+            raise ValueError(
+                f"{_checks.task_label(i, self.task_names)} and "
+                f"{_checks.task_label(j, self.task_names)} share an operation on the tapped h, "
+                "so their gradients at h cannot be told apart: tap the tensor their heads "
+                "branch from, or pass shared= parameters without a tap"
+            )
         pattern = linear_pattern(tap.h, shared)
         if shared and pattern is None:
             self._check_shared_reached([tap.h], shared, "the tapped representation h")
-        return pattern
+        return consumers, pattern
 
     def _check_general_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
         edges = self._shared_edges(shared)
@@ -211,9 +219,8 @@ class GradNorm(Balancer):
         first = not self._initialized
         if first and self.alpha > 0:
             _checks.check_initial_losses(values, self.task_names)
-        pattern = None
         if tap is not None:
-            pattern = self._check_fast_graph(losses, tap, shared_list)
+            consumers, pattern = self._check_fast_graph(losses, tap, shared_list)
         elif not shared_list:
             raise ValueError(
                 "shared=None measures gradient norms at the tapped representation: call "
@@ -224,17 +231,15 @@ class GradNorm(Balancer):
 
         w = self.task_weights.detach().clone()
         if tap is not None:
-            def capture(g: Tensor) -> None:
-                tap.norms = norms_from_tap_grads(g, tap.h, shared_list, self._workspace,
-                                                 pattern, self._chunk)
-
-            handle = tap.expanded.register_hook(capture)
+            capture = Capture(self.num_tasks, tap.h, shared_list, pattern, self._workspace,
+                              self._chunk)
+            handles = capture.install(consumers)
             try:
                 total = self._weighted_backward(stacked, w)
             finally:
-                handle.remove()
-            grad_norm_w = tap.norms  # G_i = ||grad_W (w_i L_i)||
-            assert grad_norm_w is not None
+                for handle in handles:
+                    handle.remove()
+            grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
             w_n = w.to(grad_norm_w)
             grad_norm = grad_norm_w / w_n  # ||grad_W L_i||
         else:
