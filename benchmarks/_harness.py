@@ -57,34 +57,44 @@ def interleaved_ratio(base: Callable[[], None], other: Callable[[], None], reps:
             "p25": q[0], "p75": q[2]}
 
 
-def resident_bytes(model: nn.Module, tensors: list[torch.Tensor]) -> int:
-    """Bytes that live across steps for every method: parameters, their gradients, the batch."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 2 * params + sum(t.numel() * t.element_size() for t in tensors)
+def peak_memory(factory: Callable[[], Callable[[], None]], device: torch.device,
+                warmup: int = 3) -> int:
+    """Peak bytes live during one training step, everything included.
 
-
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one step above what was live before it."""
+    ``factory`` builds the model, the batch, the optimizer and whatever the method keeps, and
+    returns the step. On CPU the whole life of those allocations is recorded by the profiler
+    (so frees are matched to their allocations) and the peak of the live total is read during
+    the last step; on CUDA it is ``max_memory_allocated`` during that step.
+    """
     if device.type == "cuda":
         sync(device)
+        step = factory()
+        for _ in range(warmup):
+            step()
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
         step()
         sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.max_memory_allocated(device)
     from torch.profiler import ProfilerActivity, profile
 
+    marks: list[int] = []
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
+        step = factory()
+        for _ in range(warmup):
+            step()
+        marks.append(time.perf_counter_ns())
+        with torch.profiler.record_function("measured_step"):
+            step()
+    events = prof.profiler.kineto_results.events()
+    window = [e for e in events if e.name() == "measured_step"]
+    start, end = window[0].start_ns(), window[0].end_ns()
     live = peak = 0
-    for _, nbytes in events:
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events
+                            if e.name() == "[memory]"):
         live += nbytes
-        peak = max(peak, live)
+        if start <= t <= end:
+            peak = max(peak, live)
     return peak
 
 

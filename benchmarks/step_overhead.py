@@ -12,11 +12,10 @@ task, batch 128, MSE per task, SGD on the model. For each T the script times
 
 Timing: blocks of ``--steps`` steps of the baseline and of the method, interleaved
 (a, b, a, b, ...) ``--reps`` times; the ratio is the median of the per-pair ratios, with the
-25th-75th percentile spread. Memory: the peak bytes live during one step (the profiler's
-allocation record on CPU, ``max_memory_allocated`` on CUDA) plus the buffers the balancer
-keeps between steps, plus what lives across steps for both (parameters, gradients, the
-batch), as a ratio to the baseline's (``peak_mem_ratio``); ``step_mem_ratio`` compares the
-per-step part alone.
+25th-75th percentile spread. Memory: the peak bytes live during a step, everything counted
+(model, gradients, optimizer and balancer state, kept buffers, the batch, the step's
+temporaries), as a ratio to the baseline's: the profiler's allocation record from before the
+model is built on CPU, ``max_memory_allocated`` on CUDA.
 
     python benchmarks/step_overhead.py                      # T = 2, 10, 64 on 2 CPU threads
     python benchmarks/step_overhead.py --device cuda
@@ -34,13 +33,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import (
-    TrunkHeads,
-    interleaved_ratio,
-    machine_name,
-    peak_step_bytes,
-    resident_bytes,
-)
+from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory
 
 import lossbalance as lb
 
@@ -48,8 +41,8 @@ METHODS = ("fast/W", "fast/h", "general/W", "general/h", "literal/W")
 
 
 def make_step(method: str, model: TrunkHeads, x: torch.Tensor, ys: list[torch.Tensor]
-              ) -> tuple[Callable[[], None], int]:
-    """The step function and the bytes it keeps alive between steps beyond the model's."""
+              ) -> Callable[[], None]:
+    """One training step of ``method`` on ``model``."""
     T = len(ys)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     W = model.trunk[-2].weight
@@ -62,7 +55,7 @@ def make_step(method: str, model: TrunkHeads, x: torch.Tensor, ys: list[torch.Te
             losses = [F.mse_loss(heads[i](h), ys[i]) for i in range(T)]
             torch.stack(losses).sum().backward()
             opt.step()
-        return step, 0
+        return step
 
     if method == "literal/W":
         w = torch.ones(T, device=x.device, requires_grad=True)
@@ -87,7 +80,7 @@ def make_step(method: str, model: TrunkHeads, x: torch.Tensor, ys: list[torch.Te
             with torch.no_grad():
                 w.mul_(T / w.sum())
             opt.step()
-        return step, 0
+        return step
 
     path, where = method.split("/")
     bal = lb.GradNorm(T, alpha=0.12, lr=0.025).to(x.device)
@@ -100,27 +93,28 @@ def make_step(method: str, model: TrunkHeads, x: torch.Tensor, ys: list[torch.Te
         shared = W if where == "W" else None if path == "fast" else h
         bal.backward(losses, shared=shared)
         opt.step()
+    return step
 
-    step()  # let the balancer allocate what it keeps
-    return step, bal.workspace_bytes
+
+def build(method: str, T: int, args: argparse.Namespace, device: torch.device
+          ) -> Callable[[], None]:
+    """The step of ``method`` on a fresh model and batch (the same for every method)."""
+    torch.manual_seed(0)
+    model = TrunkHeads(T).to(device)
+    x = torch.randn(args.batch, 250, device=device)
+    ys = [torch.randn(args.batch, 100, device=device) for _ in range(T)]
+    return make_step(method, model, x, ys)
 
 
 def measure(T: int, method: str, args: argparse.Namespace, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    model_a = TrunkHeads(T).to(device)
-    model_b = TrunkHeads(T).to(device)
-    model_b.load_state_dict(model_a.state_dict())
-    x = torch.randn(args.batch, 250, device=device)
-    ys = [torch.randn(args.batch, 100, device=device) for _ in range(T)]
-    plain, _ = make_step("plain", model_a, x, ys)
-    other, kept = make_step(method, model_b, x, ys)
+    plain = build("plain", T, args, device)
+    other = build(method, T, args, device)
     for _ in range(args.warmup):
         plain()
         other()
     timing = interleaved_ratio(plain, other, args.reps, args.steps, device)
-    resident = resident_bytes(model_a, [x, *ys])
-    mem_plain = min(peak_step_bytes(plain, device) for _ in range(2))
-    mem_other = min(peak_step_bytes(other, device) for _ in range(2)) + kept
+    mem_plain = peak_memory(lambda: build("plain", T, args, device), device)
+    mem_other = peak_memory(lambda: build(method, T, args, device), device)
     return {
         "tasks": T,
         "method": method,
@@ -128,8 +122,8 @@ def measure(T: int, method: str, args: argparse.Namespace, device: torch.device)
         "time_ratio": round(timing["ratio"], 3),
         "ratio_p25": round(timing["p25"], 3),
         "ratio_p75": round(timing["p75"], 3),
-        "peak_mem_ratio": round((resident + mem_other) / (resident + mem_plain), 3),
-        "step_mem_ratio": round(mem_other / mem_plain, 3),
+        "peak_mem_ratio": round(mem_other / mem_plain, 3),
+        "plain_peak_mb": round(mem_plain / 2**20, 2),
     }
 
 
@@ -150,7 +144,7 @@ def main() -> None:
     machine = machine_name(device, args.threads)
     print(f"# lossbalance step overhead on {machine}, torch {torch.__version__}")
     header = ("tasks", "method", "plain_ms", "time_ratio", "ratio_p25", "ratio_p75",
-              "peak_mem_ratio", "step_mem_ratio")
+              "peak_mem_ratio", "plain_peak_mb")
     print(" | ".join(header))
     rows = []
     for T in [int(t) for t in args.tasks.split(",")]:

@@ -21,8 +21,8 @@ def captured_norms(losses, h, shared, chunk=16, pattern="auto"):
     assert problem is None
     if pattern == "auto":
         pattern = linear_pattern(h, shared)
-    cap = Capture(len(losses), h, shared, pattern, Workspace(), chunk)
-    handles = cap.install(consumers)
+    cap = Capture(Workspace(), chunk)
+    handles = cap.begin(h, shared, pattern, consumers)
     torch.autograd.backward(torch.stack(losses).sum())
     for handle in handles:
         handle.remove()

@@ -11,7 +11,9 @@ and every target edge keeps its node, alive until it is done.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import chain
 
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
@@ -69,33 +71,33 @@ def consumers_of(losses: Sequence[Tensor], h: Tensor
     edge = get_gradient_edge(h)
     h_node, h_nr = edge.node, edge.output_nr
     consumers: list[list[tuple[object, int]]] = []
-    visited: list[dict[int, object]] = []
+    walked: list[dict[int, object]] = []  # per task: id -> node (keeps the nodes alive)
     for i, loss in enumerate(losses):
         found: list[tuple[object, int]] = []
         start = _start_node(loss)
-        seen: dict[int, object] = {} if start is None else {id(start): start}
-        stack = [] if start is None else [start]
+        if start is None:
+            return consumers, ("unreached", i)
+        seen = {id(start): start}
+        stack = [start]
         while stack:
             node = stack.pop()
             for k, (nxt, nr) in enumerate(node.next_functions):
-                if nxt is None:
-                    continue
                 if nxt is h_node:
                     if nr == h_nr:
                         found.append((node, k))
-                    continue
-                if id(nxt) not in seen:
+                elif nxt is not None and id(nxt) not in seen:
                     seen[id(nxt)] = nxt
                     stack.append(nxt)
         if not found:
             return consumers, ("unreached", i)
         consumers.append(found)
-        visited.append(seen)
+        walked.append(seen)
+    visits = Counter(chain.from_iterable(walked))
     for i, found in enumerate(consumers):
         for node, _ in found:
-            for j, seen in enumerate(visited):
-                if j != i and id(node) in seen:
-                    return consumers, ("shared", min(i, j), max(i, j))
+            if visits[id(node)] > 1:
+                j = next(j for j, seen in enumerate(walked) if j != i and id(node) in seen)
+                return consumers, ("shared", min(i, j), max(i, j))
     return consumers, None
 
 

@@ -134,72 +134,84 @@ class Workspace:
 class Capture:
     """Collects each task's gradient at h from post-hooks on its head's consumer nodes.
 
-    ``install(consumers)`` registers the hooks (one per node that takes h as input); after the
-    backward, ``finish()`` returns G_i, the norm of the task's weighted gradient at the
-    shared tensors (or at h when ``shared`` is empty).
+    Kept by the balancer across steps (its hook functions and buffers are made once).
+    ``begin(...)`` registers this step's hooks, one per node that takes h as an input; after
+    the backward, ``finish()`` returns G_i, the norm of the task's weighted gradient at the
+    shared tensors (at h when ``shared`` is empty).
     """
 
-    def __init__(self, num_tasks: int, h: Tensor, shared: Sequence[Tensor],
-                 pattern: tuple[list, Tensor, dict] | None, workspace: Workspace,
-                 chunk: int) -> None:
-        self.num_tasks, self.h, self.shared = num_tasks, h, list(shared)
-        self.pattern, self.workspace = pattern, workspace
-        self.norms: list[Tensor | None] = [None] * num_tasks
-        self.remaining: list[int] = []
-        self.partial: dict[int, Tensor] = {}
-        self.chunk = max(1, min(chunk, num_tasks))
+    def __init__(self, workspace: Workspace, chunk: int) -> None:
+        self.workspace, self.chunk_size = workspace, chunk
+        self._hooks: dict[tuple[int, int, bool], object] = {}
         self.filled: list[int] = []  # tasks whose delta sits in the chunk buffer
+        self.partial: dict[int, Tensor] = {}
+
+    def begin(self, h: Tensor, shared: Sequence[Tensor],
+              pattern: tuple[list, Tensor, dict] | None,
+              consumers: list[list[tuple[object, int]]]) -> list:
+        num_tasks = len(consumers)
+        self.h, self.shared, self.pattern = h, list(shared), pattern
+        self.mode = "h" if not self.shared else ("linear" if pattern is not None else "vjp")
+        self.norm_dtype = _norm_dtype(h)
+        self.norms: list[Tensor | None] = [None] * num_tasks
+        self.remaining = [len(edges) for edges in consumers]
+        self.partial.clear()
+        self.filled.clear()
         self.jac: Tensor | None = None
-        if pattern is not None:
-            acts = pattern[0]
+        if self.mode == "linear":
+            self.chunk = max(1, min(self.chunk_size, num_tasks))
+            delta = self.workspace.get("delta", (self.chunk, *h.shape), h)
+            self.slots = delta.unbind(0)
+            acts = pattern[0]  # type: ignore[index]
             if acts:
                 with torch.no_grad():  # act'(z): the activation chain's VJP of ones
                     jac = torch.ones_like(h)
                     for node in acts:
                         jac = node(jac)
                 self.jac = jac
-
-    def install(self, consumers: list[list[tuple[object, int]]]) -> list:
-        self.remaining = [len(edges) for edges in consumers]
         handles = []
         for i, edges in enumerate(consumers):
+            single = len(edges) == 1
             for node, k in edges:
-                handles.append(node.register_hook(self._hook(i, k)))  # type: ignore[attr-defined]
+                hook = self._hooks.get((i, k, single))
+                if hook is None:
+                    hook = self._make_hook(i, k, single)
+                    self._hooks[(i, k, single)] = hook
+                handles.append(node.register_hook(hook))  # type: ignore[attr-defined]
         return handles
 
-    def _hook(self, i: int, k: int):
-        def hook(grad_inputs, grad_outputs):
+    def _make_hook(self, i: int, k: int, single: bool):
+        norm, mul = torch.linalg.vector_norm, torch.mul
+
+        def hook(grad_inputs, grad_outputs):  # hooks run under the backward's no-grad mode
             g = grad_inputs[k]
             if g is None:
                 g = torch.zeros_like(self.h)
-            self.remaining[i] -= 1
-            if self.remaining[i] or i in self.partial:  # a head that uses h more than once
+            if not single:  # a head that reads h in several places: sum them first
+                self.remaining[i] -= 1
                 self.partial[i] = g if i not in self.partial else self.partial[i] + g
                 if self.remaining[i]:
                     return
                 g = self.partial.pop(i)
-            self._task_ready(i, g)
-        return hook
-
-    def _task_ready(self, i: int, g: Tensor) -> None:
-        if not self.shared:
-            self.norms[i] = torch.linalg.vector_norm(g, dtype=_norm_dtype(g))
-        elif self.pattern is not None:
-            with torch.no_grad():
-                slot = len(self.filled)
-                delta = self.workspace.get("delta", (self.chunk, *g.shape), g)
+            mode = self.mode
+            if mode == "h":
+                self.norms[i] = norm(g, dtype=self.norm_dtype)
+            elif mode == "linear":
+                filled = self.filled
+                slot = self.slots[len(filled)]
                 if self.jac is None:
-                    delta[slot].copy_(g)
+                    slot.copy_(g)
                 else:
-                    torch.mul(g, self.jac, out=delta[slot])
-                self.filled.append(i)
-                if len(self.filled) == self.chunk:
+                    mul(g, self.jac, out=slot)
+                filled.append(i)
+                if len(filled) == self.chunk:
                     self._flush()
-        else:
-            grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
-                                        allow_unused=True)
-            self.norms[i] = _joint_norms([t.unsqueeze(0) for t in grads if t is not None],
-                                         1, g)[0]
+            else:
+                grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
+                                            allow_unused=True)
+                self.norms[i] = _joint_norms(
+                    [t.unsqueeze(0) for t in grads if t is not None], 1, g)[0]
+        return hook
 
     def _flush(self) -> None:
         n = len(self.filled)
@@ -214,15 +226,15 @@ class Capture:
                                         delta)[:n]
                 torch.matmul(delta.transpose(1, 2), x, out=dw)  # dW_i = delta_i^T x
                 part = torch.linalg.vector_norm(dw.reshape(n, -1), dim=1,
-                                                dtype=_norm_dtype(dw)).square()
+                                                dtype=self.norm_dtype).square()
             else:
                 part = torch.linalg.vector_norm(delta.sum(dim=1), dim=1,
-                                                dtype=_norm_dtype(delta)).square()
+                                                dtype=self.norm_dtype).square()
             sq = part if sq is None else sq + part
         norms = sq.sqrt()  # type: ignore[union-attr]
         for slot, i in enumerate(self.filled):
             self.norms[i] = norms[slot]
-        self.filled = []
+        self.filled.clear()
 
     def finish(self) -> Tensor:
         """G_i for every task, once the backward has run all the hooks."""
@@ -231,7 +243,10 @@ class Capture:
         missing = [i for i, n in enumerate(self.norms) if n is None]
         if missing:  # the graph walk promised every task a consumer node
             raise RuntimeError(f"no gradient at h was seen for tasks {missing}")
-        return torch.stack(self.norms)  # type: ignore[arg-type]
+        norms = torch.stack(self.norms)  # type: ignore[arg-type]
+        self.h = self.pattern = self.jac = None  # type: ignore[assignment]
+        self.shared, self.norms = [], []
+        return norms
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

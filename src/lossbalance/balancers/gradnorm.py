@@ -64,6 +64,9 @@ class GradNorm(Balancer):
             trunk above ``shared``) or "batched" (one vmapped ``autograd.grad`` over all tasks,
             which walks every head T times: faster only when heads are tiny next to the
             trunk above ``shared``).
+        chunk: on the fast path with ``shared`` an ``nn.Linear`` weight, how many tasks one
+            batched matmul serves; the buffers kept between steps hold chunk x (|h| + |W|)
+            numbers. Larger is a little faster and holds more memory.
         task_names: names, to pass losses as a dict and to name tasks in errors.
         on_nonfinite: "raise" (default) or "skip" for non-finite losses or gradient norms.
 
@@ -82,6 +85,7 @@ class GradNorm(Balancer):
         initial_losses: Sequence[float] | Tensor | None = None,
         min_weight: float = 1e-6,
         general_path: str = "loop",
+        chunk: int = 4,
         task_names: Sequence[str] | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
@@ -92,6 +96,8 @@ class GradNorm(Balancer):
         if general_path not in ("loop", "batched"):
             raise ValueError(f"general_path must be 'loop' or 'batched', got {general_path!r}")
         self.general_path = general_path
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
         self._optimizer_cls = optimizer
         self._optimizer_kwargs = dict(optimizer_kwargs or {})
         self.register_buffer("task_weights", torch.ones(num_tasks))
@@ -113,7 +119,7 @@ class GradNorm(Balancer):
         self._optimizer = self._make_optimizer()
         self._tap: Tap | None = None
         self._workspace = Workspace()
-        self._chunk = 16  # tasks a batched matmul at the shared layer serves
+        self._capture = Capture(self._workspace, chunk)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         try:
@@ -231,9 +237,8 @@ class GradNorm(Balancer):
 
         w = self.task_weights.detach().clone()
         if tap is not None:
-            capture = Capture(self.num_tasks, tap.h, shared_list, pattern, self._workspace,
-                              self._chunk)
-            handles = capture.install(consumers)
+            capture = self._capture
+            handles = capture.begin(tap.h, shared_list, pattern, consumers)
             try:
                 total = self._weighted_backward(stacked, w)
             finally:
