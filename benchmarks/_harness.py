@@ -76,16 +76,23 @@ def peak_memory(factory: Callable[[], Callable[[], None]], device: torch.device,
         step()
         sync(device)
         return torch.cuda.max_memory_allocated(device)
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
-    marks: list[int] = []
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step = factory()
-        for _ in range(warmup):
-            step()
-        marks.append(time.perf_counter_ns())
-        with torch.profiler.record_function("measured_step"):
-            step()
+    # Earlier runs' garbage, collected inside the window, would free blocks the profiler
+    # never saw allocated: collect it now and keep the collector off while recording.
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step = factory()
+            for _ in range(warmup):
+                step()
+            with torch.profiler.record_function("measured_step"):
+                step()
+    finally:
+        gc.enable()
     events = prof.profiler.kineto_results.events()
     window = [e for e in events if e.name() == "measured_step"]
     start, end = window[0].start_ns(), window[0].end_ns()

@@ -12,7 +12,8 @@ Implementations (the `bench` extra installs the peers: `pip install -e ".[bench]
                         parameters (W, or the trunk's representation with rep_grad)
 
 Step time and peak memory are ratios to the plain equal-weights step (zero_grad, forward,
-sum(losses).backward(), SGD step) measured in the same run (interleaved blocks). Agreement
+sum(losses).backward(), SGD step) measured in the same run (interleaved blocks); memory is
+the peak of all bytes live during a step, everything included (see _harness.peak_memory). Agreement
 is each implementation's weight trajectory over ``--agree-steps`` steps against the literal
 algorithm run with the same weights optimizer and learning rate: max |w - w_literal|.
 
@@ -35,13 +36,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import (
-    TrunkHeads,
-    interleaved_ratio,
-    machine_name,
-    peak_step_bytes,
-    resident_bytes,
-)
+from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory
 
 import lossbalance as lb
 
@@ -245,13 +240,12 @@ def measure(impl: str, T: int, trunk: str, where: str, args, device) -> dict:
     per = time.perf_counter() - t0
     steps = max(1, min(args.steps, int(args.block_s / max(per, 1e-6))))
     timing = interleaved_ratio(plain.step, other.step, args.reps, steps, device)
-    resident = resident_bytes(plain.model, [plain.x, *plain.ys])
-    mem_plain = min(peak_step_bytes(plain.step, device) for _ in range(2))
-    mem_other = min(peak_step_bytes(other.step, device) for _ in range(2))
+    mem_plain = peak_memory(lambda: build("plain", T, trunk, where, args, device).step, device)
+    mem_other = peak_memory(lambda: build(impl, T, trunk, where, args, device).step, device)
     return {"trunk": trunk, "norms_at": where, "tasks": T, "impl": impl,
             "plain_ms": round(timing["base_ms"], 3), "time_ratio": round(timing["ratio"], 3),
             "ratio_p25": round(timing["p25"], 3), "ratio_p75": round(timing["p75"], 3),
-            "peak_mem_ratio": round((resident + mem_other) / (resident + mem_plain), 3)}
+            "peak_mem_ratio": round(mem_other / mem_plain, 3)}
 
 
 def plot(rows: list[dict], path: Path, machine: str) -> None:
