@@ -33,10 +33,11 @@ def captured_norms(losses, h, shared, chunk=16, pattern="auto"):
                                  nn.Softplus, nn.LeakyReLU, nn.Hardtanh, nn.Identity])
 @pytest.mark.parametrize("chunk", [1, 2, 16])
 @pytest.mark.parametrize("which", ["W", "b", "Wb"])
-def test_linear_pattern_norms(act, chunk, which):
+@pytest.mark.parametrize("fan_in", [6, 12], ids=["direct", "gram"])  # batch 7: gram when wider
+def test_linear_pattern_norms(act, chunk, which, fan_in):
     torch.manual_seed(0)
-    lin = nn.Linear(6, 5).double()
-    x = torch.randn(7, 6, dtype=torch.float64)
+    lin = nn.Linear(fan_in, 5).double()
+    x = torch.randn(7, fan_in, dtype=torch.float64)
     h = act()(lin(x))
     heads = [nn.Linear(5, 2).double() for _ in range(3)]
     losses = [heads[i](h).pow(2).mean() * (i + 1) for i in range(3)]

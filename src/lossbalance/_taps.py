@@ -8,7 +8,9 @@ gradients at h. So nothing of size T x |h| is ever held: memory stays that of th
 Norms at h are ||g_i||. Norms at shared parameters upstream of h: when h is
 ``act(x @ W.T + b)`` (an ``nn.Linear`` then element-wise activations) the hooks write
 delta_i = g_i * act'(z) into a small kept buffer and every ``chunk`` tasks one batched matmul
-forms dW_i = delta_i^T x (and db_i = sum_b delta_i); for any other layer each hook runs one
+forms dW_i = delta_i^T x (and db_i = sum_b delta_i); when the layer is wider than the batch,
+||dW_i||^2 = <delta_i, (x x^T) delta_i> costs B^2 out instead of B in out multiply-adds
+(8x fewer for 1024 -> 1024 at batch 128); for any other layer each hook runs one
 vector-Jacobian product from h to the shared tensors, whose graph is still alive then (no
 ``retain_graph`` on the network, no ``create_graph``).
 
@@ -158,6 +160,7 @@ class Capture:
         self.partial.clear()
         self.filled.clear()
         self.jac: Tensor | None = None
+        self.gram: Tensor | None = None
         if self.mode == "linear":
             self.chunk = max(1, min(self.chunk_size, num_tasks))
             delta = self.workspace.get("delta", (self.chunk, *h.shape), h)
@@ -220,10 +223,19 @@ class Capture:
         _, x, roles = self.pattern  # type: ignore[misc]
         delta = self.workspace.get("delta", (self.chunk, *self.h.shape), self.h)[:n]
         sq = None
+        batch, fan_in = x.shape
         for p in self.shared:
-            if roles[id(p)] == "weight":
-                dw = self.workspace.get("dw", (self.chunk, delta.shape[2], x.shape[1]),
+            if roles[id(p)] == "weight" and batch < fan_in:
+                # ||delta_i^T x||^2 = <delta_i, (x x^T) delta_i>: B^2 out multiply-adds a task
+                # instead of B in out, for layers wider than the batch.
+                if self.gram is None:
+                    self.gram = x @ x.T
+                kd = self.workspace.get("gram_delta", (self.chunk, *delta.shape[1:]),
                                         delta)[:n]
+                torch.matmul(self.gram, delta, out=kd)
+                part = (kd * delta).sum(dim=(1, 2), dtype=self.norm_dtype).clamp_(min=0)
+            elif roles[id(p)] == "weight":
+                dw = self.workspace.get("dw", (self.chunk, delta.shape[2], fan_in), delta)[:n]
                 torch.matmul(delta.transpose(1, 2), x, out=dw)  # dW_i = delta_i^T x
                 part = torch.linalg.vector_norm(dw.reshape(n, -1), dim=1,
                                                 dtype=self.norm_dtype).square()
@@ -243,10 +255,14 @@ class Capture:
         missing = [i for i, n in enumerate(self.norms) if n is None]
         if missing:  # the graph walk promised every task a consumer node
             raise RuntimeError(f"no gradient at h was seen for tasks {missing}")
-        norms = torch.stack(self.norms)  # type: ignore[arg-type]
-        self.h = self.pattern = self.jac = None  # type: ignore[assignment]
-        self.shared, self.norms = [], []
-        return norms
+        return torch.stack(self.norms)  # type: ignore[arg-type]
+
+    def end(self) -> None:
+        """Drop this step's references (h, the layer input, buffers' views) after a step."""
+        self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
+        self.shared, self.norms, self.slots = [], [], ()
+        self.partial.clear()
+        self.filled.clear()
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

@@ -17,11 +17,11 @@ import lossbalance as lb
 SCALES = (1.0, 10.0, 100.0)
 
 
-def make_problem(num_tasks=3, dtype=torch.float64, seed=0, act=nn.ReLU, scales=SCALES):
+def make_problem(num_tasks=3, dtype=torch.float64, seed=0, act=nn.ReLU, scales=SCALES, batch=32):
     torch.manual_seed(seed)
     net = ToyNet(num_tasks, act=act).to(dtype)
-    x = torch.randn(32, 8, dtype=dtype)
-    ys = [torch.randn(32, 4, dtype=dtype) * scales[i % len(scales)] for i in range(num_tasks)]
+    x = torch.randn(batch, 8, dtype=dtype)
+    ys = [torch.randn(batch, 4, dtype=dtype) * scales[i % len(scales)] for i in range(num_tasks)]
     return net, x, ys
 
 
@@ -36,10 +36,11 @@ def shared_of(net, where, h):
                                  "trunk": list(net.trunk.parameters()), "h": [h]}[where]
 
 
-def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr=0.025):
+def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr=0.025,
+             batch=32):
     general_path = "batched" if path == "batched" else "loop"
     path = "general" if path == "batched" else path
-    net, x, ys = make_problem(dtype=dtype, act=act)
+    net, x, ys = make_problem(dtype=dtype, act=act, batch=batch)
     T = len(ys)
     net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
     opt_a = torch.optim.SGD(net_a.parameters(), lr=1e-3)
@@ -84,6 +85,12 @@ def test_matches_literal_algorithm(path, where, optimizer):
 @pytest.mark.parametrize("path", ["fast", "general"])
 def test_matches_literal_in_float32(path):
     run_both(path, "W", torch.optim.Adam, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_literal_when_the_layer_is_wider_than_the_batch(dtype):
+    # batch 8 < 16 inputs of the last shared layer: norms from the batch's Gram matrix
+    run_both("fast", "W", torch.optim.Adam, dtype, batch=8)
 
 
 @pytest.mark.parametrize("act", [nn.Tanh, nn.GELU, nn.LeakyReLU], ids=["tanh", "gelu", "leaky"])

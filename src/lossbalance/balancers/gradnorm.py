@@ -241,10 +241,11 @@ class GradNorm(Balancer):
             handles = capture.begin(tap.h, shared_list, pattern, consumers)
             try:
                 total = self._weighted_backward(stacked, w)
+                grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
             finally:
                 for handle in handles:
                     handle.remove()
-            grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
+                capture.end()
             w_n = w.to(grad_norm_w)
             grad_norm = grad_norm_w / w_n  # ||grad_W L_i||
         else:
