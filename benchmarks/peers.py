@@ -86,7 +86,7 @@ class Stepper:
         return step
 
     def _lossbalance(self, alpha, lr, tap=True):
-        bal = lb.GradNorm(self.T, alpha=alpha, lr=lr)
+        bal = lb.GradNorm(self.T, alpha=alpha, lr=lr).to(self.x.device)
         self.weights = lambda: bal.weights
 
         def step():
@@ -103,7 +103,7 @@ class Stepper:
         return self._lossbalance(alpha, lr, tap=False)
 
     def _literal(self, alpha, lr, optimizer=torch.optim.Adam):
-        w = torch.ones(self.T, requires_grad=True)
+        w = torch.ones(self.T, device=self.x.device, requires_grad=True)
         wopt = optimizer([w], lr=lr)
         l0: list[torch.Tensor] = []
         self.weights = lambda: w.detach().clone()
