@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -103,6 +105,15 @@ def peak_memory(factory: Callable[[], Callable[[], None]], device: torch.device,
         if start <= t <= end:
             peak = max(peak, live)
     return peak
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys) as a CSV file, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def machine_name(device: torch.device, threads: int) -> str:

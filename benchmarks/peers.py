@@ -24,7 +24,6 @@ algorithm run with the same weights optimizer and learning rate: max |w - w_lite
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import importlib.util
 import sys
@@ -36,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory
+from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
 
 import lossbalance as lb
 
@@ -316,12 +315,8 @@ def main() -> None:
                     rows.append(row)
                     print(" | ".join(str(row[k]) for k in header), flush=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.with_suffix(".csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*header, "agreement", "machine"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "agreement": agree[row["impl"]], "machine": machine})
+    write_csv(out.with_suffix(".csv"),
+              [{**row, "agreement": agree[row["impl"]], "machine": machine} for row in rows])
     plot(rows, out.with_suffix(".png"), machine)
     print(f"# wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
 

@@ -24,7 +24,6 @@ model is built on CPU, ``max_memory_allocated`` on CUDA.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory
+from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
 
 import lossbalance as lb
 
@@ -153,12 +152,7 @@ def main() -> None:
             rows.append(row)
             print(" | ".join(str(row[k]) for k in header), flush=True)
     out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*header, "machine"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "machine": machine})
+    write_csv(out, [{**row, "machine": machine} for row in rows])
     print(f"# wrote {out}")
 
 

@@ -101,31 +101,6 @@ def consumers_of(losses: Sequence[Tensor], h: Tensor
     return consumers, None
 
 
-def reaches_output(root: Tensor, node: object, output_nr: int) -> bool:
-    """Whether gradients from ``root`` flow into output ``output_nr`` of autograd ``node``.
-
-    The fast-path check (one per task and step), so it is kept tight: ``node`` itself is not
-    expanded, and leaves (no next functions) end a branch.
-    """
-    start = root.grad_fn
-    if start is None:
-        return False
-    seen = {id(start): start}
-    stack = [start]
-    pop, push = stack.pop, stack.append
-    while stack:
-        for nxt, nr in pop().next_functions:
-            if nxt is node:
-                if nr == output_nr:
-                    return True
-                continue
-            if nxt is None or id(nxt) in seen:
-                continue
-            seen[id(nxt)] = nxt
-            push(nxt)
-    return False
-
-
 def reached_edges(root: Tensor, targets: Sequence[GradientEdge], *, first: bool = False
                   ) -> set[int]:
     """Indices of the ``targets`` reachable from ``root`` (all of them, or the first found)."""

@@ -129,9 +129,6 @@ class Workspace:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-    def clear(self) -> None:
-        self._buffers.clear()
-
 
 class Capture:
     """Collects each task's gradient at h from post-hooks on its head's consumer nodes.

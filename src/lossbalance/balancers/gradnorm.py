@@ -136,11 +136,6 @@ class GradNorm(Balancer):
     def weights(self) -> Tensor:
         return self.task_weights.detach().clone()
 
-    @property
-    def workspace_bytes(self) -> int:
-        """Bytes of the buffers the fast path keeps between steps (not in ``state_dict``)."""
-        return self._workspace.nbytes()
-
     def tap(self, h: Tensor) -> tuple[Tensor, ...]:
         """Mark ``h`` as the shared representation the heads consume: the fast path.
 
