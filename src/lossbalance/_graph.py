@@ -1,8 +1,9 @@
 """Reachability in the autograd graph: does a task's loss depend on the shared tensors?
 
 Checked before any backward runs, so that "task 2 does not reach the shared layer" is an error
-raised with the model's ``.grad`` and the balancer's state untouched. The walk follows
-``grad_fn.next_functions`` edges (node, output index) and stops at the first target it meets.
+raised with the model's ``.grad`` and the balancer's state untouched. The walks follow
+``grad_fn.next_functions`` edges (node, output index); ``consumers_of`` also finds, for the
+fast path, the nodes of each head that read the tapped h.
 
 The Python objects that stand for autograd nodes are made on demand and may be freed (and
 their ``id`` reused) once nothing refers to them, so every walk keeps the nodes it has seen,
@@ -44,11 +45,11 @@ def _start_node(loss: Tensor) -> object | None:
     node = loss.grad_fn
     if node is None or type(node).__name__ not in ("UnbindBackward0", "SelectBackward0"):
         return node
-    saved = node  # autograd exposes a node's saved arguments as _saved_* attributes
-    if saved._saved_dim != 0:  # type: ignore[attr-defined]
+    # autograd exposes a node's saved arguments as _saved_* attributes
+    if node._saved_dim != 0:  # type: ignore[attr-defined]
         return node
     unbind = type(node).__name__ == "UnbindBackward0"
-    index = loss.output_nr if unbind else saved._saved_index  # type: ignore[attr-defined]
+    index = loss.output_nr if unbind else node._saved_index  # type: ignore[attr-defined]
     src = node.next_functions[0][0]
     if src is None or type(src).__name__ != "StackBackward0":
         return node
