@@ -12,12 +12,14 @@ and every target edge keeps its node, alive until it is done.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from itertools import chain
 
+import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+# The class of the nodes that accumulate into a leaf's .grad (they have no inputs).
+_AccumulateGrad = type(get_gradient_edge(torch.zeros((), requires_grad=True)).node)
 
 
 def edge_of(tensor: Tensor) -> GradientEdge | None:
@@ -67,18 +69,23 @@ def consumers_of(losses: Sequence[Tensor], h: Tensor
     A post-hook on such a node sees that task's gradient at h as soon as it is formed, before
     autograd adds it to the other tasks'. Returns (consumers, problem): ``problem`` is None,
     ``("unreached", i)`` when loss i does not depend on h, or ``("shared", i, j)`` when a node
-    that feeds h serves losses i and j both (their gradients at h are not separable there).
+    that reads h serves losses i and j both (their gradients at h are not separable there).
+    A node upstream of h's readers that two losses share is found through them: the reader it
+    leads to is then reached, and listed, from both losses.
+
+    Leaves (``AccumulateGrad``, the parameters' gradient sinks) have no inputs and are not
+    expanded; otherwise every node that loss i reaches above h is visited once for it.
     """
     edge = get_gradient_edge(h)
     h_node, h_nr = edge.node, edge.output_nr
     consumers: list[list[tuple[object, int]]] = []
-    walked: list[dict[int, object]] = []  # per task: id -> node (keeps the nodes alive)
+    owner: dict[int, int] = {}  # id(reader of h) -> the first task that reached it
     for i, loss in enumerate(losses):
         found: list[tuple[object, int]] = []
         start = _start_node(loss)
         if start is None:
             return consumers, ("unreached", i)
-        seen = {id(start): start}
+        seen = {id(start): start}  # id -> node: keeps the wrappers (and so their ids) alive
         stack = [start]
         while stack:
             node = stack.pop()
@@ -86,19 +93,16 @@ def consumers_of(losses: Sequence[Tensor], h: Tensor
                 if nxt is h_node:
                     if nr == h_nr:
                         found.append((node, k))
-                elif nxt is not None and id(nxt) not in seen:
+                elif nxt is not None and type(nxt) is not _AccumulateGrad and id(nxt) not in seen:
                     seen[id(nxt)] = nxt
                     stack.append(nxt)
         if not found:
             return consumers, ("unreached", i)
-        consumers.append(found)
-        walked.append(seen)
-    visits = Counter(chain.from_iterable(walked))
-    for i, found in enumerate(consumers):
         for node, _ in found:
-            if visits[id(node)] > 1:
-                j = next(j for j, seen in enumerate(walked) if j != i and id(node) in seen)
-                return consumers, ("shared", min(i, j), max(i, j))
+            j = owner.setdefault(id(node), i)
+            if j != i:
+                return consumers, ("shared", j, i)
+        consumers.append(found)
     return consumers, None
 
 

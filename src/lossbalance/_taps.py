@@ -117,14 +117,27 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self._rows: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor,
+            dtype: torch.dtype | None = None) -> Tensor:
+        dtype = like.dtype if dtype is None else dtype
         buf = self._buffers.get(name)
-        if (buf is None or buf.shape != shape or buf.dtype != like.dtype
+        if (buf is None or buf.shape != shape or buf.dtype != dtype
                 or buf.device != like.device):
-            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            buf = torch.empty(shape, dtype=dtype, device=like.device)
             self._buffers[name] = buf
         return buf
+
+    def rows(self, name: str, shape: tuple[int, ...], like: Tensor,
+             dtype: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """A kept buffer and its views along the first dimension (made once too)."""
+        buf = self.get(name, shape, like, dtype)
+        kept = self._rows.get(name)
+        if kept is None or kept[0] is not buf:
+            kept = (buf, buf.unbind(0))
+            self._rows[name] = kept
+        return kept
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
@@ -137,32 +150,39 @@ class Capture:
     ``begin(...)`` registers this step's hooks, one per node that takes h as an input; after
     the backward, ``finish()`` returns G_i, the norm of the task's weighted gradient at the
     shared tensors (at h when ``shared`` is empty).
+
+    Each hook hands the task's gradient g_i to ``_take``, chosen per step: "h" writes ||g_i||
+    into row i of a kept [T] buffer; "linear" writes delta_i = g_i * act'(z) into a chunk
+    buffer and every ``chunk`` tasks forms their norms at once; "vjp" maps g_i to the shared
+    tensors by one vector-Jacobian product.
     """
 
     def __init__(self, workspace: Workspace, chunk: int) -> None:
         self.workspace, self.chunk_size = workspace, chunk
         self._hooks: dict[tuple[int, int, bool], object] = {}
+        self._orders: dict[tuple[int, ...], Tensor] = {}  # fill order -> its inverse index
         self.filled: list[int] = []  # tasks whose delta sits in the chunk buffer
+        self.order: list[int] = []  # tasks in the order their chunk norms were formed
+        self.chunk_norms: list[Tensor] = []
         self.partial: dict[int, Tensor] = {}
+        self.end()
 
     def begin(self, h: Tensor, shared: Sequence[Tensor],
               pattern: tuple[list, Tensor, dict] | None,
               consumers: list[list[tuple[object, int]]]) -> list:
         num_tasks = len(consumers)
         self.h, self.shared, self.pattern = h, list(shared), pattern
-        self.mode = "h" if not self.shared else ("linear" if pattern is not None else "vjp")
         self.norm_dtype = _norm_dtype(h)
-        self.norms: list[Tensor | None] = [None] * num_tasks
+        self.done = [False] * num_tasks
         self.remaining = [len(edges) for edges in consumers]
-        self.partial.clear()
-        self.filled.clear()
-        self.jac: Tensor | None = None
-        self.gram: Tensor | None = None
+        self.out, self.rows = self.workspace.rows("norms", (num_tasks,), h, self.norm_dtype)
+        self.mode = "h" if not self.shared else ("linear" if pattern is not None else "vjp")
+        self._take = {"h": self._take_h, "vjp": self._take_vjp,
+                      "linear": self._take_linear}[self.mode]
         if self.mode == "linear":
             self.chunk = max(1, min(self.chunk_size, num_tasks))
-            delta = self.workspace.get("delta", (self.chunk, *h.shape), h)
-            self.slots = delta.unbind(0)
-            acts = pattern[0]  # type: ignore[index]
+            self.slots = self.workspace.rows("delta", (self.chunk, *h.shape), h)[1]
+            acts = pattern[0]
             if acts:
                 with torch.no_grad():  # act'(z): the activation chain's VJP of ones
                     jac = torch.ones_like(h)
@@ -181,8 +201,6 @@ class Capture:
         return handles
 
     def _make_hook(self, i: int, k: int, single: bool):
-        norm, mul = torch.linalg.vector_norm, torch.mul
-
         def hook(grad_inputs, grad_outputs):  # hooks run under the backward's no-grad mode
             g = grad_inputs[k]
             if g is None:
@@ -193,34 +211,45 @@ class Capture:
                 if self.remaining[i]:
                     return
                 g = self.partial.pop(i)
-            mode = self.mode
-            if mode == "h":
-                self.norms[i] = norm(g, dtype=self.norm_dtype)
-            elif mode == "linear":
-                filled = self.filled
-                slot = self.slots[len(filled)]
-                if self.jac is None:
-                    slot.copy_(g)
-                else:
-                    mul(g, self.jac, out=slot)
-                filled.append(i)
-                if len(filled) == self.chunk:
-                    self._flush()
-            else:
-                grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
-                                            allow_unused=True)
-                self.norms[i] = _joint_norms(
-                    [t.unsqueeze(0) for t in grads if t is not None], 1, g)[0]
+            self._take(i, g)
         return hook
 
+    def _take_h(self, i: int, g: Tensor) -> None:
+        torch.linalg.vector_norm(g, dtype=self.norm_dtype, out=self.rows[i])
+        self.done[i] = True
+
+    def _take_vjp(self, i: int, g: Tensor) -> None:
+        grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
+                                    allow_unused=True)
+        present = [t for t in grads if t is not None]
+        if present:
+            sq = torch.stack([torch.linalg.vector_norm(t, dtype=self.norm_dtype)
+                              for t in present])
+            torch.linalg.vector_norm(sq, out=self.rows[i])
+        else:
+            self.rows[i].zero_()
+        self.done[i] = True
+
+    def _take_linear(self, i: int, g: Tensor) -> None:
+        filled = self.filled
+        slot = self.slots[len(filled)]
+        if self.jac is None:
+            slot.copy_(g)
+        else:
+            torch.mul(g, self.jac, out=slot)
+        filled.append(i)
+        if len(filled) == self.chunk:
+            self._flush()
+
     def _flush(self) -> None:
+        """Norms of the tasks in the chunk buffer: ||dW_i||, ||db_i|| from delta_i."""
         n = len(self.filled)
         if not n:
             return
         _, x, roles = self.pattern  # type: ignore[misc]
         delta = self.workspace.get("delta", (self.chunk, *self.h.shape), self.h)[:n]
-        sq = None
         batch, fan_in = x.shape
+        parts = []
         for p in self.shared:
             if roles[id(p)] == "weight" and batch < fan_in:
                 # ||delta_i^T x||^2 = <delta_i, (x x^T) delta_i>: B^2 out multiply-adds a task
@@ -230,36 +259,56 @@ class Capture:
                 kd = self.workspace.get("gram_delta", (self.chunk, *delta.shape[1:]),
                                         delta)[:n]
                 torch.matmul(self.gram, delta, out=kd)
-                part = (kd * delta).sum(dim=(1, 2), dtype=self.norm_dtype).clamp_(min=0)
+                sq = (kd * delta).sum(dim=(1, 2), dtype=self.norm_dtype).clamp_(min=0)
+                parts.append(sq.sqrt_())
             elif roles[id(p)] == "weight":
                 dw = self.workspace.get("dw", (self.chunk, delta.shape[2], fan_in), delta)[:n]
                 torch.matmul(delta.transpose(1, 2), x, out=dw)  # dW_i = delta_i^T x
-                part = torch.linalg.vector_norm(dw.reshape(n, -1), dim=1,
-                                                dtype=self.norm_dtype).square()
-            else:
-                part = torch.linalg.vector_norm(delta.sum(dim=1), dim=1,
-                                                dtype=self.norm_dtype).square()
-            sq = part if sq is None else sq + part
-        norms = sq.sqrt()  # type: ignore[union-attr]
-        for slot, i in enumerate(self.filled):
-            self.norms[i] = norms[slot]
+                parts.append(torch.linalg.vector_norm(dw.reshape(n, -1), dim=1,
+                                                      dtype=self.norm_dtype))
+            else:  # db_i = sum over the batch of delta_i
+                parts.append(torch.linalg.vector_norm(delta.sum(dim=1), dim=1,
+                                                      dtype=self.norm_dtype))
+        norms = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(
+            torch.stack(parts, dim=1), dim=1)
+        self.chunk_norms.append(norms)
+        self.order += self.filled
+        for i in self.filled:
+            self.done[i] = True
         self.filled.clear()
 
     def finish(self) -> Tensor:
-        """G_i for every task, once the backward has run all the hooks."""
-        with torch.no_grad():
-            self._flush()
-        missing = [i for i, n in enumerate(self.norms) if n is None]
-        if missing:  # the graph walk promised every task a consumer node
+        """G_i for every task, once the backward has run all the hooks (a new tensor)."""
+        if self.mode == "linear":
+            with torch.no_grad():
+                self._flush()
+        if not all(self.done):  # the graph walk promised every task a consumer node
+            missing = [i for i, done in enumerate(self.done) if not done]
             raise RuntimeError(f"no gradient at h was seen for tasks {missing}")
-        return torch.stack(self.norms)  # type: ignore[arg-type]
+        if self.mode != "linear":
+            return self.out.clone()
+        norms = self.chunk_norms[0] if len(self.chunk_norms) == 1 else torch.cat(
+            self.chunk_norms)
+        key = tuple(self.order)
+        inverse = self._orders.get(key)  # the fill order is usually the same every step
+        if inverse is None or inverse.device != norms.device:
+            if len(self._orders) > 16:  # orders that change every step: keep a few
+                self._orders.clear()
+            inverse = torch.empty(len(key), dtype=torch.long)
+            inverse[list(key)] = torch.arange(len(key))
+            inverse = inverse.to(norms.device)
+            self._orders[key] = inverse
+        return norms[inverse]
 
     def end(self) -> None:
-        """Drop this step's references (h, the layer input, buffers' views) after a step."""
+        """Drop this step's references (h, the layer input, gradients) after a step."""
         self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
-        self.shared, self.norms, self.slots = [], [], ()
+        self.shared, self.done, self.slots, self.rows = [], [], (), ()
+        self.mode, self._take = "h", self._take_h
         self.partial.clear()
         self.filled.clear()
+        self.order.clear()
+        self.chunk_norms.clear()
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

@@ -315,11 +315,17 @@ def test_state_dict_is_a_snapshot():
 
 def test_to_dtype_moves_weights_and_optimizer_state():
     bal = train(lb.GradNorm(3).double(), 3)
+    optimizer = bal.optimizer
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     bal.float()
+    assert bal.optimizer is optimizer  # a scheduler made before .to() still drives it
     assert bal.task_weights.dtype == torch.float32
     state = bal.optimizer.state_dict()["state"][0]
     assert state["exp_avg"].dtype == torch.float32
     assert bal.optimizer.param_groups[0]["params"][0] is bal.task_weights
+    train(bal.double(), 1)  # steps through the scheduler's wrapper of optimizer.step
+    scheduler.step()
+    assert bal.optimizer.param_groups[0]["lr"] == pytest.approx(0.0125)
 
 
 def test_stats_are_detached_tensors():
@@ -334,3 +340,41 @@ def test_other_balancers_tap_is_identity():
     h = torch.randn(3, 2, requires_grad=True)
     feats = lb.EqualWeighting(2).tap(h)
     assert feats[0] is h and feats[1] is h
+
+
+class _AdamViaStep(torch.optim.Adam):
+    """torch.optim.Adam under another type: the balancer then always calls ``step()``."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", [{}, {"betas": (0.5, 0.9), "eps": 1e-3}, {"amsgrad": True},
+                                    {"weight_decay": 0.1}, {"maximize": True}],
+                         ids=["default", "betas", "amsgrad", "decay", "maximize"])
+def test_adam_shortcut_equals_optimizer_step_bit_for_bit(dtype, kwargs):
+    def run(optimizer):
+        bal = lb.GradNorm(3, alpha=1.5, optimizer=optimizer, optimizer_kwargs=kwargs).to(dtype)
+        net, x, ys = make_problem(dtype=dtype)
+        trace = []
+        for step in range(30):
+            if step == 15:  # a scheduler-style change of the learning rate mid-run
+                bal.optimizer.param_groups[0]["lr"] = 0.01
+            net.zero_grad()
+            f = bal.tap(net.trunk(x))
+            bal.backward([F.mse_loss(net.heads[i](f[i]), ys[i]) for i in range(3)],
+                         shared=net.last_shared)
+            trace.append(bal.weights)
+        return torch.stack(trace), bal.optimizer.state_dict()["state"][0]
+
+    weights_a, state_a = run(torch.optim.Adam)
+    weights_b, state_b = run(_AdamViaStep)
+    assert torch.equal(weights_a, weights_b)
+    for key in state_b:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_adam_step_hooks_still_run():
+    bal = lb.GradNorm(3)
+    calls = []
+    bal.optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    train(bal.double(), 4)
+    assert len(calls) == 4

@@ -19,6 +19,15 @@ from .._checks import LossesLike
 SharedLike = Tensor | Sequence[Tensor] | None
 
 
+def _set(module: nn.Module, name: str, value: Any) -> None:
+    """Set a plain (non-parameter, non-buffer) attribute without ``nn.Module.__setattr__``.
+
+    The module's checks for parameters, buffers and submodules cost about a microsecond per
+    assignment; the step sets a few plain attributes every call.
+    """
+    object.__setattr__(module, name, value)
+
+
 class Balancer(nn.Module):
     """Base class: validation, the weighted backward, and the non-finite policy.
 
@@ -65,7 +74,7 @@ class Balancer(nn.Module):
         that use them (GradNorm); ignored by the others.
         Returns the weighted total (detached) for logging.
         """
-        self.last_step_skipped = False
+        _set(self, "last_step_skipped", False)
         items = _checks.loss_list(losses, self.num_tasks, self.task_names)
         stacked = torch.stack(items)
         values = stacked.detach()
