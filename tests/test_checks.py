@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lossbalance as lb
+from lossbalance._checks import first_nonfinite
 
 T = 3
 
@@ -307,3 +308,11 @@ def test_dict_losses_need_task_names(setup):
 def test_tap_needs_grad():
     with pytest.raises(ValueError, match="h does not require grad"):
         lb.GradNorm(2).tap(torch.zeros(3))
+
+
+def test_first_nonfinite_tells_an_overflowing_sum_from_a_nonfinite_entry():
+    assert first_nonfinite(torch.tensor([3e38, 3e38])) is None  # the sum overflows
+    assert first_nonfinite(torch.tensor([1.0, 2.0])) is None
+    assert first_nonfinite(torch.tensor([1.0, float("nan"), float("inf")])) == 1
+    assert first_nonfinite(torch.tensor([float("-inf"), 1.0], dtype=torch.float16)) == 0
+    assert first_nonfinite(torch.tensor([6e4, 6e4], dtype=torch.float16)) is None

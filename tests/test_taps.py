@@ -22,11 +22,11 @@ def captured_norms(losses, h, shared, chunk=16, pattern="auto"):
     if pattern == "auto":
         pattern = linear_pattern(h, shared)
     cap = Capture(Workspace(), chunk)
-    handles = cap.begin(h, shared, pattern, consumers)
+    cap.begin(h, shared, pattern, consumers)
     torch.autograd.backward(torch.stack(losses).sum())
-    for handle in handles:
-        handle.remove()
-    return cap.finish()
+    norms = cap.finish()
+    cap.end()
+    return norms
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.GELU,
@@ -114,3 +114,18 @@ def test_workspace_reuses_buffers():
     assert ws.get("a", (2, 3), like) is a
     assert ws.get("a", (3, 3), like) is not a
     assert ws.nbytes() == 9 * 4
+
+
+def test_hooks_of_an_ended_step_do_nothing():
+    import lossbalance as lb
+
+    h = torch.rand(4, 3).add_(1).requires_grad_()  # a leaf: its heads save no tensors
+    bal = lb.GradNorm(2)
+    feats = bal.tap(h)
+    losses = [feats[0].sum(), feats[1].sum()]  # positive
+    bal.backward(losses)
+    weights = bal.weights
+    h.grad = None
+    losses[0].backward()  # the same nodes again, outside any balancer step
+    assert torch.equal(h.grad, torch.ones(4, 3))
+    assert torch.equal(bal.weights, weights)

@@ -113,6 +113,9 @@ def loss_list(
             "losses must be a list/tuple of scalar tensors, a 1-D tensor or a dict, got "
             f"{type(losses).__name__}"
         )
+    if all(isinstance(loss, Tensor) and loss.dim() == 0 and loss.requires_grad
+           and loss.is_floating_point() for loss in items):
+        return items  # the usual case, checked in one pass
     for i, loss in enumerate(items):
         who = task_label(i, task_names)
         if not isinstance(loss, Tensor):
@@ -134,10 +137,11 @@ def loss_list(
 def first_nonfinite(values: Tensor) -> int | None:
     """Index of the first non-finite entry of a 1-D tensor, or None (one host sync).
 
-    A finite sum proves every entry finite; only when it is not (a non-finite entry, or an
-    overflow of the sum itself) are the entries checked one by one.
+    A finite sum proves every entry finite (a nan or an infinity makes any sum non-finite);
+    only when it is not (a non-finite entry, or an overflow of the sum itself) are the
+    entries checked one by one.
     """
-    if math.isfinite(float(values.sum(dtype=torch.float64))):
+    if math.isfinite(values.sum().item()):
         return None
     bad = ~torch.isfinite(values)
     if not bool(bad.any()):

@@ -149,7 +149,7 @@ class Capture:
     Kept by the balancer across steps (its hook functions and buffers are made once).
     ``begin(...)`` registers this step's hooks, one per node that takes h as an input; after
     the backward, ``finish()`` returns G_i, the norm of the task's weighted gradient at the
-    shared tensors (at h when ``shared`` is empty).
+    shared tensors (at h when ``shared`` is empty), and ``end()`` closes the step.
 
     Each hook hands the task's gradient g_i to ``_take``, chosen per step: "h" writes ||g_i||
     into row i of a kept [T] buffer; "linear" writes delta_i = g_i * act'(z) into a chunk
@@ -169,7 +169,7 @@ class Capture:
 
     def begin(self, h: Tensor, shared: Sequence[Tensor],
               pattern: tuple[list, Tensor, dict] | None,
-              consumers: list[list[tuple[object, int]]]) -> list:
+              consumers: list[list[tuple[object, int]]]) -> None:
         num_tasks = len(consumers)
         self.h, self.shared, self.pattern = h, list(shared), pattern
         self.norm_dtype = _norm_dtype(h)
@@ -189,19 +189,20 @@ class Capture:
                     for node in acts:
                         jac = node(jac)
                 self.jac = jac
-        handles = []
+        hooks = self._hooks
         for i, edges in enumerate(consumers):
             single = len(edges) == 1
             for node, k in edges:
-                hook = self._hooks.get((i, k, single))
+                hook = hooks.get((i, k, single))
                 if hook is None:
-                    hook = self._make_hook(i, k, single)
-                    self._hooks[(i, k, single)] = hook
-                handles.append(node.register_hook(hook))  # type: ignore[attr-defined]
-        return handles
+                    hook = hooks[(i, k, single)] = self._make_hook(i, k, single)
+                node.register_hook(hook)  # type: ignore[attr-defined]
+        self.active = True
 
     def _make_hook(self, i: int, k: int, single: bool):
         def hook(grad_inputs, grad_outputs):  # hooks run under the backward's no-grad mode
+            if not self.active:  # a node of an earlier step, backpropagated again
+                return
             g = grad_inputs[k]
             if g is None:
                 g = torch.zeros_like(self.h)
@@ -301,7 +302,12 @@ class Capture:
         return norms[inverse]
 
     def end(self) -> None:
-        """Drop this step's references (h, the layer input, gradients) after a step."""
+        """Drop this step's references (h, the layer input, gradients) after a step.
+
+        The hooks stay on this step's nodes, which die with the graph; they do nothing once
+        the step has ended (removing them one by one cost ~1-2 us a task).
+        """
+        self.active = False
         self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
         self.shared, self.done, self.slots, self.rows = [], [], (), ()
         self.mode, self._take = "h", self._take_h

@@ -273,13 +273,11 @@ class GradNorm(Balancer):
         w = weights.clone()  # the weights of this step (the buffer changes below)
         if tap is not None:
             capture = self._capture
-            handles = capture.begin(tap.h, shared_list, pattern, consumers)
+            capture.begin(tap.h, shared_list, pattern, consumers)
             try:
                 total = self._weighted_backward(stacked, w)
                 grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
             finally:
-                for handle in handles:
-                    handle.remove()
                 capture.end()
             if not self._check_finite_norms(grad_norm_w, before_backward=False):
                 return total
