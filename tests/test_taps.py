@@ -129,3 +129,25 @@ def test_hooks_of_an_ended_step_do_nothing():
     losses[0].backward()  # the same nodes again, outside any balancer step
     assert torch.equal(h.grad, torch.ones(4, 3))
     assert torch.equal(bal.weights, weights)
+
+
+@pytest.mark.parametrize("which", ["W", "b"])
+def test_tied_layer_is_not_taken_for_a_plain_linear(which):
+    import lossbalance as lb
+
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 5).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    heads = [nn.Linear(5, 2).double() for _ in range(3)]
+    shared = lin.weight if which == "W" else lin.bias
+
+    def losses_of(feats):
+        return [heads[i](feats[i]).pow(2).mean() * (i + 1) for i in range(3)]
+
+    h = torch.relu(lin(torch.relu(lin(x))))  # the same layer twice (tied weights)
+    assert linear_pattern(h, [shared]) is None
+    ref = per_task_reference(losses_of((h,) * 3), [shared])
+    bal = lb.GradNorm(3)
+    h = torch.relu(lin(torch.relu(lin(x))))
+    bal.backward(losses_of(bal.tap(h)), shared=shared)
+    torch.testing.assert_close(bal.stats["grad_norm"] / bal.stats["weight"], ref)

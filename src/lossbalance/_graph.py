@@ -109,17 +109,22 @@ def consumers_of(losses: Sequence[Tensor], h: Tensor
 def reached_edges(root: Tensor, targets: Sequence[GradientEdge], *, first: bool = False
                   ) -> set[int]:
     """Indices of the ``targets`` reachable from ``root`` (all of them, or the first found)."""
+    return reached_from(root.grad_fn, targets, first=first)
+
+
+def reached_from(start: object | None, targets: Sequence[GradientEdge], *, first: bool = False
+                 ) -> set[int]:
+    """Indices of the ``targets`` reachable from the autograd node ``start``."""
     wanted: dict[tuple[int, int], list[int]] = {}
     for k, edge in enumerate(targets):
         wanted.setdefault(_key(edge), []).append(k)
     found: set[int] = set()
-    start = root.grad_fn
     if start is None:
         return found
     seen = {id(start): start}
     stack = [start]
     while stack and len(found) < len(targets):
-        for nxt, nr in stack.pop().next_functions:
+        for nxt, nr in stack.pop().next_functions:  # type: ignore[attr-defined]
             if nxt is None:
                 continue
             hit = wanted.get((id(nxt), nr))

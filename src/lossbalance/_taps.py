@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _graph
+
 # Element-wise activations whose Jacobian is diagonal: their VJP of a ones tensor is that diagonal.
 _ELEMENTWISE = frozenset(
     {
@@ -73,8 +75,10 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor]) -> tuple[list, Tensor, d
     """Match h = act_k(...act_1(x @ W.T + b)) with ``shared`` among {W, b}.
 
     Returns (activation nodes, x, {id(param): "weight" | "bias"}) or None when h is not of
-    that form; the caller then uses the generic batched VJP. A match also proves that h
-    reaches every tensor of ``shared``.
+    that form; the caller then uses the generic VJP. A match also proves that h reaches every
+    tensor of ``shared``. It is refused when a shared tensor is also used below the layer
+    (tied weights, a recurrent trunk), where delta_i^T x would be only part of its gradient;
+    telling that needs a walk of the graph below the layer (a few us a node).
     """
     if h.dim() != 2 or not shared:
         return None
@@ -109,6 +113,9 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor]) -> tuple[list, Tensor, d
     x = node._saved_mat1
     if x is None or x.dim() != 2:
         return None
+    x_node = node.next_functions[1 if kind == "AddmmBackward0" else 0][0]
+    if _graph.reached_from(x_node, _graph.edges_of(shared), first=True):
+        return None  # a shared tensor is used below this layer too
     return acts, x, roles
 
 
