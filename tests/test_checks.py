@@ -112,6 +112,24 @@ def test_tasks_sharing_an_operation_on_the_tap_is_an_error(setup):
     assert_unchanged(net, bal, snap)
 
 
+def test_path_around_the_tap_to_shared_is_an_error(setup):
+    net, x, ys, bal = setup
+    z = net.trunk[:-1](x)  # the last shared layer's output before its activation
+    f = bal.tap(net.trunk[-1](z))
+    losses = losses_for(net, x, ys, f)
+    losses[1] = losses[1] + z.pow(2).mean()  # task 1 also reads z: a path to W around h
+    snap = snapshot(net, bal)
+    with pytest.raises(ValueError, match=r"task 1 \('b'\) reaches shared\[0\] by a path"):
+        bal.backward(losses, shared=net.last_shared)
+    assert_unchanged(net, bal, snap)
+    # without the tap the same losses are measured exactly at W
+    net.zero_grad()
+    z = net.trunk[:-1](x)
+    losses = losses_for(net, x, ys, (net.trunk[-1](z),) * T)
+    losses[1] = losses[1] + z.pow(2).mean()
+    bal.backward(losses, shared=net.last_shared)
+
+
 def test_task_not_reaching_shared_general_path(setup):
     net, x, ys, bal = setup
     h = net.trunk(x)

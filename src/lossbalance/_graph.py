@@ -62,16 +62,19 @@ def _start_node(loss: Tensor) -> object | None:
     return src.next_functions[index][0]
 
 
-def consumers_of(losses: Sequence[Tensor], h: Tensor
+def consumers_of(losses: Sequence[Tensor], h: Tensor,
+                 shared: Sequence[GradientEdge] = ()
                  ) -> tuple[list[list[tuple[object, int]]], tuple | None]:
     """For each loss, the autograd nodes that take h as an input, with the input's index.
 
     A post-hook on such a node sees that task's gradient at h as soon as it is formed, before
     autograd adds it to the other tasks'. Returns (consumers, problem): ``problem`` is None,
     ``("unreached", i)`` when loss i does not depend on h, or ``("shared", i, j)`` when a node
-    that reads h serves losses i and j both (their gradients at h are not separable there).
-    A node upstream of h's readers that two losses share is found through them: the reader it
-    leads to is then reached, and listed, from both losses.
+    that reads h serves losses i and j both (their gradients at h are not separable there), or
+    ``("bypass", i, k)`` when loss i reaches the edge ``shared[k]`` by a path that does not go
+    through h (then its gradient there cannot be read at h). A node upstream of h's readers
+    that two losses share is found through them: the reader it leads to is then reached, and
+    listed, from both losses.
 
     Leaves (``AccumulateGrad``, the parameters' gradient sinks) have no inputs and are not
     expanded; otherwise every node that loss i reaches above h is visited once for it.
@@ -80,6 +83,7 @@ def consumers_of(losses: Sequence[Tensor], h: Tensor
     h_node, h_nr = edge.node, edge.output_nr
     consumers: list[list[tuple[object, int]]] = []
     owner: dict[int, int] = {}  # id(reader of h) -> the first task that reached it
+    avoid = {_key(edge): k for k, edge in enumerate(shared)}
     for i, loss in enumerate(losses):
         found: list[tuple[object, int]] = []
         start = _start_node(loss)
@@ -87,17 +91,23 @@ def consumers_of(losses: Sequence[Tensor], h: Tensor
             return consumers, ("unreached", i)
         seen = {id(start): start}  # id -> node: keeps the wrappers (and so their ids) alive
         stack = [start]
+        bypass = None
         while stack:
             node = stack.pop()
             for k, (nxt, nr) in enumerate(node.next_functions):
                 if nxt is h_node:
                     if nr == h_nr:
                         found.append((node, k))
-                elif nxt is not None and type(nxt) is not _AccumulateGrad and id(nxt) not in seen:
-                    seen[id(nxt)] = nxt
-                    stack.append(nxt)
+                elif nxt is not None:
+                    if avoid and bypass is None and (id(nxt), nr) in avoid:
+                        bypass = ("bypass", i, avoid[(id(nxt), nr)])
+                    if type(nxt) is not _AccumulateGrad and id(nxt) not in seen:
+                        seen[id(nxt)] = nxt
+                        stack.append(nxt)
         if not found:
             return consumers, ("unreached", i)
+        if bypass is not None:
+            return consumers, bypass
         for node, _ in found:
             j = owner.setdefault(id(node), i)
             if j != i:

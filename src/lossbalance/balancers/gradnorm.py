@@ -197,8 +197,18 @@ class GradNorm(Balancer):
         Returns the consumer nodes of h per task and the ``nn.Linear`` pattern of h when it
         matches (see ``_taps.linear_pattern``).
         """
-        consumers, problem = _graph.consumers_of(losses, tap.h)
+        edges = self._shared_edges(shared) if shared else []
+        consumers, problem = _graph.consumers_of(losses, tap.h, edges)
         if problem is not None:
+            if problem[0] == "bypass":
+                _, i, k = problem
+                raise ValueError(
+                    f"the loss of {_checks.task_label(i, self.task_names)} reaches shared[{k}] "
+                    "by a path that does not go through the tapped h (a skip connection "
+                    "around h?), so its gradient there cannot be read at h: tap a tensor "
+                    "that every path from the heads to shared goes through, or call "
+                    "backward without a tap"
+                )
             if problem[0] == "unreached":
                 raise ValueError(
                     f"the loss of {_checks.task_label(problem[1], self.task_names)} does not "
@@ -214,7 +224,7 @@ class GradNorm(Balancer):
             )
         pattern = linear_pattern(tap.h, shared)
         if shared and pattern is None:
-            self._check_shared_reached([tap.h], shared, "the tapped representation h")
+            self._check_shared_reached([tap.h], shared, "the tapped representation h", edges)
         return consumers, pattern
 
     def _check_general_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
