@@ -134,6 +134,21 @@ def loss_list(
     return [loss if loss.dim() == 0 else loss.reshape(()) for loss in items]
 
 
+def check_grad_scaler(scaler: object) -> object | None:
+    """A ``torch.amp.GradScaler`` (anything with ``scale`` and ``is_enabled``) or None.
+
+    A disabled scaler is the same as none.
+    """
+    if scaler is None:
+        return None
+    if not (callable(getattr(scaler, "scale", None))
+            and callable(getattr(scaler, "is_enabled", None))):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}"
+        )
+    return scaler if scaler.is_enabled() else None  # type: ignore[attr-defined]
+
+
 def first_nonfinite(values: Tensor) -> int | None:
     """Index of the first non-finite entry of a 1-D tensor, or None (one host sync).
 

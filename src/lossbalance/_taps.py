@@ -329,7 +329,8 @@ def _norm_dtype(t: Tensor) -> torch.dtype:
 
 
 def per_task_norms(
-    losses: Sequence[Tensor], shared: Sequence[Tensor], batched: bool = False
+    losses: Sequence[Tensor], shared: Sequence[Tensor], batched: bool = False,
+    scale: Tensor | None = None,
 ) -> Tensor:
     """Norms ||dL_i/d(shared)|| for each task, over all ``shared`` tensors together.
 
@@ -337,7 +338,12 @@ def per_task_norms(
     when ``batched=False``). The graph is retained for the ordinary backward that follows.
     In the batched product an infinite derivative of one task meets the zero cotangents of
     the others (0 * inf = nan), so a non-finite result is only trusted from the loop.
+    With ``scale`` (a gradient scaler's scale) the products run on scale * L_i, as the
+    scaled backward does in reduced precision, and the norms are divided by it.
     """
+    if scale is not None:
+        losses = [loss * scale.to(loss) for loss in losses]
+        return per_task_norms(losses, shared, batched) / scale
     num_tasks = len(losses)
     stacked = torch.stack(list(losses))
     if batched:

@@ -50,6 +50,7 @@ class Balancer(nn.Module):
         self.stats: dict[str, Tensor] = {}
         #: True when the last ``backward`` was skipped because of a non-finite value.
         self.last_step_skipped = False
+        self._scaler: Any = None  # the gradient scaler of the step in progress
 
     @property
     def weights(self) -> Tensor:
@@ -66,15 +67,22 @@ class Balancer(nn.Module):
             raise TypeError(f"tap expects a tensor, got {type(h).__name__}")
         return (h,) * self.num_tasks
 
-    def backward(self, losses: LossesLike, shared: SharedLike = None, **signals: Any) -> Tensor:
+    def backward(self, losses: LossesLike, shared: SharedLike = None, *,
+                 grad_scaler: Any = None, **signals: Any) -> Tensor:
         """Backpropagate sum_i w_i L_i (weights detached) and update the weights.
 
         ``losses``: T scalar tensors (list/tuple, 1-D tensor or dict keyed by ``task_names``).
         ``shared``: the shared parameter(s) at which gradient norms are measured, for balancers
         that use them (GradNorm); ignored by the others.
-        Returns the weighted total (detached) for logging.
+        ``grad_scaler``: a ``torch.amp.GradScaler`` for mixed precision: the backward runs on
+        ``grad_scaler.scale(sum_i w_i L_i)`` (then call ``grad_scaler.step(opt)`` and
+        ``grad_scaler.update()`` as usual); balancers that measure gradients divide the scale
+        out, and skip their own update on a step whose scaled gradients overflowed (the
+        scaler skips the optimizer step then too).
+        Returns the weighted total (detached, unscaled) for logging.
         """
         _set(self, "last_step_skipped", False)
+        _set(self, "_scaler", _checks.check_grad_scaler(grad_scaler))
         items = _checks.loss_list(losses, self.num_tasks, self.task_names)
         stacked = torch.stack(items)
         values = stacked.detach()
@@ -94,13 +102,17 @@ class Balancer(nn.Module):
     ) -> Tensor:
         raise NotImplementedError
 
-    @staticmethod
-    def _weighted_backward(stacked: Tensor, weights: Tensor) -> Tensor:
+    def _weighted_backward(self, stacked: Tensor, weights: Tensor) -> Tensor:
         """One ordinary backward of sum_i w_i L_i with ``weights`` treated as constants."""
         w = weights.detach().to(device=stacked.device, dtype=stacked.dtype)
         total = stacked @ w
-        torch.autograd.backward(total)
+        self._backward(total)
         return total.detach()
+
+    def _backward(self, total: Tensor) -> None:
+        """``total.backward()``, through this step's gradient scaler when there is one."""
+        scaler = self._scaler
+        torch.autograd.backward(total if scaler is None else scaler.scale(total))
 
     def _no_signals(self, signals: dict[str, Any]) -> None:
         if signals:

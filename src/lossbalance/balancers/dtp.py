@@ -70,10 +70,12 @@ class DynamicTaskPrioritization(Balancer):
         shared: SharedLike = None,
         *,
         kpis: Sequence[float] | Tensor | dict[str, float] | None = None,
+        grad_scaler: Any = None,
     ) -> Tensor:
         """Update the smoothed KPIs with ``kpis`` (T values in [0, 1]), then backpropagate
-        sum_i w_i L_i with the weights they give. Returns the weighted total (detached)."""
-        return super().backward(losses, shared, kpis=kpis)
+        sum_i w_i L_i with the weights they give (through ``grad_scaler`` when given).
+        Returns the weighted total (detached)."""
+        return super().backward(losses, shared, grad_scaler=grad_scaler, kpis=kpis)
 
     def _step(self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
               ) -> Tensor:

@@ -281,6 +281,8 @@ class GradNorm(Balancer):
 
         weights = self._buffers["task_weights"]
         w = weights.clone()  # the weights of this step (the buffer changes below)
+        # the scaler's scale as a tensor (no host sync): norms of scaled gradients / scale
+        scale = None if self._scaler is None else self._scaler.scale(values.new_ones(()))
         if tap is not None:
             capture = self._capture
             capture.begin(tap.h, shared_list, pattern, consumers)
@@ -289,16 +291,23 @@ class GradNorm(Balancer):
                 grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
             finally:
                 capture.end()
+            if scale is not None:
+                grad_norm_w = grad_norm_w / scale.to(grad_norm_w)
             if not self._check_finite_norms(grad_norm_w, before_backward=False):
                 return total
             grad_norm = grad_norm_w / w.to(grad_norm_w)  # ||grad_W L_i||
         else:
-            grad_norm = per_task_norms(losses, shared_list, self.general_path == "batched")
-            if _checks.first_nonfinite(grad_norm) is not None:  # name the right task
-                grad_norm = per_task_norms(losses, shared_list, batched=False)
+            batched = self.general_path == "batched"
+            grad_norm = per_task_norms(losses, shared_list, batched, scale)
+            if batched and _checks.first_nonfinite(grad_norm) is not None:
+                grad_norm = per_task_norms(losses, shared_list, False, scale)  # the right task
             grad_norm_w = w.to(grad_norm) * grad_norm
             if not self._check_finite_norms(grad_norm_w, before_backward=True):
-                return values @ w.to(values)
+                if scale is None:
+                    return values @ w.to(values)
+                # an overflow of the scaled gradients: the model's backward still runs, so
+                # that the scaler sees it and skips the optimizer step
+                return self._weighted_backward(stacked, w)
             total = self._weighted_backward(stacked, w)
 
         l0 = values if first else self._buffers["initial_losses"].to(values)
@@ -339,8 +348,8 @@ class GradNorm(Balancer):
         if bad is None:
             return True
         who = _checks.task_label(bad, self.task_names)
-        if self.on_nonfinite == "skip":
-            self.last_step_skipped = True
+        if self.on_nonfinite == "skip" or self._scaler is not None:
+            _set(self, "last_step_skipped", True)
             return False
         where = (
             "the model's .grad is untouched" if before_backward
@@ -354,15 +363,21 @@ class GradNorm(Balancer):
         )
 
     def backward(
-        self, losses: _checks.LossesLike, shared: SharedLike = None, **signals: Any
+        self, losses: _checks.LossesLike, shared: SharedLike = None, *,
+        grad_scaler: Any = None, **signals: Any
     ) -> Tensor:
         """Backpropagate sum_i w_i L_i and take one GradNorm step on the weights.
 
         ``shared``: a parameter, a list of parameters, or None (norms at the tapped h).
-        Returns the weighted total sum_i w_i L_i (detached).
+        ``grad_scaler``: a ``torch.amp.GradScaler``; the backward runs on the scaled total,
+        G_i are measured on scaled gradients and divided by the scale (exact: the scale is a
+        power of two), and a step whose gradient norms overflowed skips the weights' update
+        whatever ``on_nonfinite`` says (``last_step_skipped``), as the scaler skips the
+        optimizer step and lowers the scale.
+        Returns the weighted total sum_i w_i L_i (detached, unscaled).
         """
         try:
-            return super().backward(losses, shared, **signals)
+            return super().backward(losses, shared, grad_scaler=grad_scaler, **signals)
         finally:
             _set(self, "_tap", None)  # a tap serves one step only
 

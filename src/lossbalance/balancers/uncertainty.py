@@ -69,6 +69,6 @@ class UncertaintyWeighting(Balancer):
         s = self.log_vars
         multipliers = self.scale.to(s) * torch.exp(-s)
         total = (multipliers.to(stacked) * stacked).sum() + 0.5 * s.sum().to(stacked)
-        total.backward()
+        self._backward(total)
         self.stats = {"log_var": s.detach().clone(), "weight": multipliers.detach()}
         return total.detach()
