@@ -31,8 +31,10 @@ def _set(module: nn.Module, name: str, value: Any) -> None:
 class Balancer(nn.Module):
     """Base class: validation, the weighted backward, and the non-finite policy.
 
-    Subclasses implement ``weights`` and ``_step(losses, stacked, shared, **signals)``, where
-    ``losses`` are the T validated scalar losses and ``stacked`` their stack [T] (with graph).
+    Subclasses implement ``weights`` and ``_step(losses, stacked, values, shared, **signals)``,
+    where ``losses`` are the T validated scalar losses, ``stacked`` their stack [T] (with
+    graph) and ``values`` the detached loss values the balancer's state uses (the stack's, or
+    their mean over processes for a distributed GradNorm).
     """
 
     def __init__(
@@ -85,7 +87,7 @@ class Balancer(nn.Module):
         _set(self, "_scaler", _checks.check_grad_scaler(grad_scaler))
         items = _checks.loss_list(losses, self.num_tasks, self.task_names)
         stacked = torch.stack(items)
-        values = stacked.detach()
+        values = self._loss_values(stacked.detach())
         bad = _checks.first_nonfinite(values)
         if bad is not None:
             if self.on_nonfinite == "skip":
@@ -95,12 +97,17 @@ class Balancer(nn.Module):
                 f"the loss of {_checks.task_label(bad, self.task_names)} is "
                 f"{float(values[bad])} (non-finite); pass on_nonfinite='skip' to skip such steps"
             )
-        return self._step(items, stacked, shared, **signals)
+        return self._step(items, stacked, values, shared, **signals)
 
     def _step(
-        self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
+        self, losses: list[Tensor], stacked: Tensor, values: Tensor, shared: SharedLike,
+        **signals: Any
     ) -> Tensor:
         raise NotImplementedError
+
+    def _loss_values(self, values: Tensor) -> Tensor:
+        """The loss values that the checks and the balancer's state see (here: this step's)."""
+        return values
 
     def _weighted_backward(self, stacked: Tensor, weights: Tensor) -> Tensor:
         """One ordinary backward of sum_i w_i L_i with ``weights`` treated as constants."""

@@ -77,8 +77,8 @@ class DynamicTaskPrioritization(Balancer):
         Returns the weighted total (detached)."""
         return super().backward(losses, shared, grad_scaler=grad_scaler, kpis=kpis)
 
-    def _step(self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
-              ) -> Tensor:
+    def _step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
+              shared: SharedLike, **signals: Any) -> Tensor:
         kpis = _checks.check_kpis(signals.pop("kpis", None), self.num_tasks, self.task_names)
         self._no_signals(signals)
         kpis = kpis.to(self.kpi)

@@ -27,11 +27,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch import distributed as dist
 from torch.optim import optimizer as _torch_optimizer
 
 from .. import _checks, _graph
 from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms
 from .base import Balancer, SharedLike, _set
+
+
+def _is_process_group(group: object) -> bool:
+    return dist.is_available() and isinstance(group, dist.ProcessGroup)
 
 
 def _plain_adam_step(opt: torch.optim.Optimizer, p: Tensor, grad: Tensor) -> bool:
@@ -107,6 +112,13 @@ class GradNorm(Balancer):
             numbers. Larger is a little faster and holds more memory.
         task_names: names, to pass losses as a dict and to name tasks in errors.
         on_nonfinite: "raise" (default) or "skip" for non-finite losses or gradient norms.
+        distributed: for data-parallel training (DDP), True (the default process group) or a
+            process group: every process then holds the same weights. Each step all-reduces
+            the T losses (L_i is the mean over processes, as DDP's gradient is) and the T
+            norms: at the tapped h, or at any non-leaf tensors, G_i = sqrt(sum_p G_i,p^2) / P
+            (exact: each process holds its own samples' gradient at h, scaled by 1/P); at
+            parameters G_i = mean_p G_i,p, an approximation of the norm of the averaged
+            gradient (exact would all-reduce T gradients of the size of W).
 
     ``stats`` after a step: ``grad_norm`` (G_i), ``target`` (target_i), ``loss_ratio``
     (L~_i), ``inverse_rate`` (r_i), ``gradnorm_loss`` (L_grad) and ``weight`` (w used).
@@ -126,8 +138,15 @@ class GradNorm(Balancer):
         chunk: int = 4,
         task_names: Sequence[str] | None = None,
         on_nonfinite: str = "raise",
+        distributed: bool | Any = False,
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
+        if not (isinstance(distributed, bool) or _is_process_group(distributed)):
+            raise TypeError(
+                "distributed must be True, False or a torch.distributed process group, got "
+                f"{type(distributed).__name__}"
+            )
+        self.distributed = distributed
         self.alpha = _checks.check_nonnegative("alpha", alpha)
         self.lr = _checks.check_positive("lr", lr)
         self.min_weight = _checks.check_positive("min_weight", min_weight)
@@ -158,6 +177,38 @@ class GradNorm(Balancer):
         self._tap: Tap | None = None
         self._workspace = Workspace()
         self._capture = Capture(self._workspace, chunk)
+
+    def _group(self) -> Any:
+        """The process group to synchronise over, or None."""
+        if self.distributed is False:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "GradNorm(distributed=...) needs torch.distributed to be initialised "
+                "(torch.distributed.init_process_group) before backward"
+            )
+        return None if self.distributed is True else self.distributed
+
+    def _loss_values(self, values: Tensor) -> Tensor:
+        """L_i: this process's, or the mean over the processes (one all-reduce of T values)."""
+        if self.distributed is False:
+            return values
+        group = self._group()
+        values = values.clone()
+        dist.all_reduce(values, group=group)
+        return values.div_(dist.get_world_size(group))
+
+    def _sync_norms(self, grad_norm_w: Tensor, per_sample: bool) -> Tensor:
+        """G_i over the processes: root of the summed squares / P at h, mean at parameters."""
+        group = self._group()
+        size = dist.get_world_size(group)
+        if per_sample:
+            squares = grad_norm_w.square()
+            dist.all_reduce(squares, group=group)
+            return squares.sqrt_().div_(size)
+        grad_norm_w = grad_norm_w.clone()
+        dist.all_reduce(grad_norm_w, group=group)
+        return grad_norm_w.div_(size)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         try:
@@ -259,10 +310,10 @@ class GradNorm(Balancer):
 
     # ------------------------------------------------------------------ the step
     def _step(
-        self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
+        self, losses: list[Tensor], stacked: Tensor, values: Tensor, shared: SharedLike,
+        **signals: Any
     ) -> Tensor:
         self._no_signals(signals)
-        values = stacked.detach()
         tap = self._tap
         _set(self, "_tap", None)
         shared_list = _as_tensor_list(shared)
@@ -293,6 +344,8 @@ class GradNorm(Balancer):
                 capture.end()
             if scale is not None:
                 grad_norm_w = grad_norm_w / scale.to(grad_norm_w)
+            if self.distributed is not False:
+                grad_norm_w = self._sync_norms(grad_norm_w, per_sample=not shared_list)
             if not self._check_finite_norms(grad_norm_w, before_backward=False):
                 return total
             grad_norm = grad_norm_w / w.to(grad_norm_w)  # ||grad_W L_i||
@@ -302,6 +355,10 @@ class GradNorm(Balancer):
             if batched and _checks.first_nonfinite(grad_norm) is not None:
                 grad_norm = per_task_norms(losses, shared_list, False, scale)  # the right task
             grad_norm_w = w.to(grad_norm) * grad_norm
+            if self.distributed is not False:
+                grad_norm_w = self._sync_norms(
+                    grad_norm_w, per_sample=all(not t.is_leaf for t in shared_list))
+                grad_norm = grad_norm_w / w.to(grad_norm_w)
             if not self._check_finite_norms(grad_norm_w, before_backward=True):
                 if scale is None:
                     return values @ w.to(values)

@@ -48,8 +48,8 @@ class StaticWeighting(Balancer):
     def weights(self) -> Tensor:
         return self.task_weights.detach().clone()
 
-    def _step(self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
-              ) -> Tensor:
+    def _step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
+              shared: SharedLike, **signals: Any) -> Tensor:
         self._no_signals(signals)
         total = self._weighted_backward(stacked, self.task_weights)
         self.stats = {"weight": self.task_weights.detach().clone()}

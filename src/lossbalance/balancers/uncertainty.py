@@ -63,8 +63,8 @@ class UncertaintyWeighting(Balancer):
     def weights(self) -> Tensor:
         return (self.scale * torch.exp(-self.log_vars)).detach()
 
-    def _step(self, losses: list[Tensor], stacked: Tensor, shared: SharedLike, **signals: Any
-              ) -> Tensor:
+    def _step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
+              shared: SharedLike, **signals: Any) -> Tensor:
         self._no_signals(signals)
         s = self.log_vars
         multipliers = self.scale.to(s) * torch.exp(-s)
