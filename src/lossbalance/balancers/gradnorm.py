@@ -35,6 +35,53 @@ from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms
 from .base import Balancer, SharedLike, _set
 
 
+class _Window:
+    """Sums over a gradient-accumulation window: L_i, and G_i (squares at h, plain at W)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.reset()
+
+    def reset(self) -> None:
+        self.count, self.finite = 0, True
+        self.per_sample: bool | None = None
+        self.values: Tensor | None = None
+        self.norms: Tensor | None = None
+
+    def check(self, per_sample: bool) -> None:
+        if self.count and per_sample != self.per_sample:
+            raise ValueError(
+                "the gradient norms of this accumulation window were measured at "
+                f"{'h' if self.per_sample else 'parameters'}; a call in the same window "
+                "cannot measure them elsewhere"
+            )
+
+    def add(self, values: Tensor, norms: Tensor, per_sample: bool, finite: bool
+            ) -> tuple[Tensor, Tensor, bool] | None:
+        """Add one call; at the window's last call return (mean L, G, finite) and reset."""
+        part = norms.square() if per_sample else norms
+        self.values = values.clone() if self.values is None else self.values + values
+        self.norms = part.clone() if self.norms is None else self.norms + part
+        self.count += 1
+        self.finite &= finite
+        self.per_sample = per_sample
+        if self.count < self.size:
+            return None
+        out = (self.values / self.size,
+               self.norms.sqrt() if per_sample else self.norms, self.finite)
+        self.reset()
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "finite": self.finite, "per_sample": self.per_sample,
+                "values": self.values, "norms": self.norms}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.count, self.finite = state["count"], state["finite"]
+        self.per_sample, self.values, self.norms = (
+            state["per_sample"], state["values"], state["norms"])
+
+
 def _is_process_group(group: object) -> bool:
     return dist.is_available() and isinstance(group, dist.ProcessGroup)
 
@@ -119,6 +166,13 @@ class GradNorm(Balancer):
             (exact: each process holds its own samples' gradient at h, scaled by 1/P); at
             parameters G_i = mean_p G_i,p, an approximation of the norm of the averaged
             gradient (exact would all-reduce T gradients of the size of W).
+        accumulation_steps: k micro-batches per optimizer step. Each ``backward`` call then
+            backpropagates (1/k) sum_i w_i L_i (after k calls ``.grad`` holds the gradient of
+            the window's mean weighted loss) and returns that total; the weights stay fixed
+            within the window, and the k-th call takes one GradNorm step with L_i the
+            window's mean and G_i combined as for ``distributed``: exact at h (root of the
+            summed squares), the sum of the calls' G_i at parameters (the mean of the
+            micro-batches' norms of grad w_i L_i, an upper bound of the norm of their mean).
 
     ``stats`` after a step: ``grad_norm`` (G_i), ``target`` (target_i), ``loss_ratio``
     (L~_i), ``inverse_rate`` (r_i), ``gradnorm_loss`` (L_grad) and ``weight`` (w used).
@@ -139,6 +193,7 @@ class GradNorm(Balancer):
         task_names: Sequence[str] | None = None,
         on_nonfinite: str = "raise",
         distributed: bool | Any = False,
+        accumulation_steps: int = 1,
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
         if not (isinstance(distributed, bool) or _is_process_group(distributed)):
@@ -147,6 +202,11 @@ class GradNorm(Balancer):
                 f"{type(distributed).__name__}"
             )
         self.distributed = distributed
+        if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int)
+                or accumulation_steps < 1):
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        self.accumulation_steps = accumulation_steps
+        self._window = _Window(accumulation_steps)
         self.alpha = _checks.check_nonnegative("alpha", alpha)
         self.lr = _checks.check_positive("lr", lr)
         self.min_weight = _checks.check_positive("min_weight", min_weight)
@@ -330,42 +390,55 @@ class GradNorm(Balancer):
         else:
             self._check_general_graph(losses, shared_list)
 
+        # per-sample tensors (h): norms of a window or of processes combine as root of the
+        # summed squares; parameters: as a sum (window) or mean (processes)
+        per_sample = (not shared_list) if tap is not None else all(
+            not t.is_leaf for t in shared_list)
+        k = self.accumulation_steps
+        if k > 1:
+            self._window.check(per_sample)
         weights = self._buffers["task_weights"]
         w = weights.clone()  # the weights of this step (the buffer changes below)
+        w_back = w if k == 1 else w / k  # a window's calls each backpropagate 1/k of it
         # the scaler's scale as a tensor (no host sync): norms of scaled gradients / scale
         scale = None if self._scaler is None else self._scaler.scale(values.new_ones(()))
         if tap is not None:
             capture = self._capture
             capture.begin(tap.h, shared_list, pattern, consumers)
             try:
-                total = self._weighted_backward(stacked, w)
+                total = self._weighted_backward(stacked, w_back)
                 grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
             finally:
                 capture.end()
             if scale is not None:
                 grad_norm_w = grad_norm_w / scale.to(grad_norm_w)
             if self.distributed is not False:
-                grad_norm_w = self._sync_norms(grad_norm_w, per_sample=not shared_list)
-            if not self._check_finite_norms(grad_norm_w, before_backward=False):
-                return total
-            grad_norm = grad_norm_w / w.to(grad_norm_w)  # ||grad_W L_i||
+                grad_norm_w = self._sync_norms(grad_norm_w, per_sample)
+            finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         else:
             batched = self.general_path == "batched"
             grad_norm = per_task_norms(losses, shared_list, batched, scale)
             if batched and _checks.first_nonfinite(grad_norm) is not None:
                 grad_norm = per_task_norms(losses, shared_list, False, scale)  # the right task
-            grad_norm_w = w.to(grad_norm) * grad_norm
+            grad_norm_w = w_back.to(grad_norm) * grad_norm
             if self.distributed is not False:
-                grad_norm_w = self._sync_norms(
-                    grad_norm_w, per_sample=all(not t.is_leaf for t in shared_list))
-                grad_norm = grad_norm_w / w.to(grad_norm_w)
-            if not self._check_finite_norms(grad_norm_w, before_backward=True):
-                if scale is None:
-                    return values @ w.to(values)
-                # an overflow of the scaled gradients: the model's backward still runs, so
-                # that the scaler sees it and skips the optimizer step
-                return self._weighted_backward(stacked, w)
-            total = self._weighted_backward(stacked, w)
+                grad_norm_w = self._sync_norms(grad_norm_w, per_sample)
+            finite = self._check_finite_norms(grad_norm_w, before_backward=True)
+            if finite or scale is not None:
+                # on an overflow of scaled gradients the backward still runs, so that the
+                # scaler sees it and skips the optimizer step
+                total = self._weighted_backward(stacked, w_back)
+            else:
+                total = values @ w_back.to(values)
+        if k > 1:  # one weights' update a window, from the window's L_i and G_i
+            window = self._window.add(values, grad_norm_w, per_sample, finite)
+            if window is None:
+                return total
+            values, grad_norm_w, finite = window
+            _set(self, "last_step_skipped", not finite)
+        if not finite:
+            return total
+        grad_norm = grad_norm_w / w.to(grad_norm_w)  # ||grad_W L_i||
 
         l0 = values if first else self._buffers["initial_losses"].to(values)
         loss_ratio = (values / l0).to(grad_norm)
@@ -443,11 +516,14 @@ class GradNorm(Balancer):
         return {
             "optimizer": copy.deepcopy(self._optimizer.state_dict()),
             "initialized": self._initialized,
+            "window": copy.deepcopy(self._window.state()),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self._initialized = bool(state["initialized"])
+        if "window" in state:
+            self._window.load(copy.deepcopy(state["window"]))
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to()``/``.double()``...: move the weights and, in place, the optimizer's state.
