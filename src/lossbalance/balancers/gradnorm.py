@@ -28,99 +28,16 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch import distributed as dist
-from torch.optim import optimizer as _torch_optimizer
 
 from .. import _checks, _graph
+from .._adam import plain_adam_step
+from .._combine import Window, mean_over_processes, norms_over_processes
 from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms
 from .base import Balancer, SharedLike, _set
 
 
-class _Window:
-    """Sums over a gradient-accumulation window: L_i, and G_i (squares at h, plain at W)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.reset()
-
-    def reset(self) -> None:
-        self.count, self.finite = 0, True
-        self.per_sample: bool | None = None
-        self.values: Tensor | None = None
-        self.norms: Tensor | None = None
-
-    def check(self, per_sample: bool) -> None:
-        if self.count and per_sample != self.per_sample:
-            raise ValueError(
-                "the gradient norms of this accumulation window were measured at "
-                f"{'h' if self.per_sample else 'parameters'}; a call in the same window "
-                "cannot measure them elsewhere"
-            )
-
-    def add(self, values: Tensor, norms: Tensor, per_sample: bool, finite: bool
-            ) -> tuple[Tensor, Tensor, bool] | None:
-        """Add one call; at the window's last call return (mean L, G, finite) and reset."""
-        part = norms.square() if per_sample else norms
-        self.values = values.clone() if self.values is None else self.values + values
-        self.norms = part.clone() if self.norms is None else self.norms + part
-        self.count += 1
-        self.finite &= finite
-        self.per_sample = per_sample
-        if self.count < self.size:
-            return None
-        out = (self.values / self.size,
-               self.norms.sqrt() if per_sample else self.norms, self.finite)
-        self.reset()
-        return out
-
-    def state(self) -> dict[str, Any]:
-        return {"count": self.count, "finite": self.finite, "per_sample": self.per_sample,
-                "values": self.values, "norms": self.norms}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.count, self.finite = state["count"], state["finite"]
-        self.per_sample, self.values, self.norms = (
-            state["per_sample"], state["values"], state["norms"])
-
-
 def _is_process_group(group: object) -> bool:
     return dist.is_available() and isinstance(group, dist.ProcessGroup)
-
-
-def _plain_adam_step(opt: torch.optim.Optimizer, p: Tensor, grad: Tensor) -> bool:
-    """``opt.step()`` for a plain ``torch.optim.Adam`` on the weights, in 8 tensor operations.
-
-    The update of torch's single-tensor Adam, operation for operation (so bit for bit on CPU):
-    m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2; with bias corrections
-    c1 = 1 - b1^t, c2 = 1 - b2^t: p <- p - (lr / c1) m / (sqrt(v) / sqrt(c2) + eps).
-    ``Optimizer.step`` spends as long again on bookkeeping for a T-vector (measured ~50 us of
-    a ~75 us step inside a training loop). Returns False, doing nothing, unless the
-    optimizer is exactly ``torch.optim.Adam`` with its state made (after one ordinary step),
-    float hyperparameters, no amsgrad/weight decay/maximize/fused/capturable/differentiable
-    and no step hooks or wrapper of ``step`` (a learning-rate scheduler wraps it): the caller
-    then runs ``opt.step()``.
-    """
-    state = opt.state.get(p)
-    if not state or type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
-        return False
-    if ("step" in vars(opt)  # wrapped on the instance, e.g. by a learning-rate scheduler
-            or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-            or _torch_optimizer._global_optimizer_pre_hooks
-            or _torch_optimizer._global_optimizer_post_hooks):
-        return False
-    group = opt.param_groups[0]
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    if (group["amsgrad"] or group["weight_decay"] or group["maximize"] or group["fused"]
-            or group["capturable"] or group["differentiable"]
-            or not all(isinstance(v, float | int) for v in (lr, beta1, beta2, eps))):
-        return False
-    step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-    step_t += 1
-    step = float(step_t)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / ((1 - beta2**step) ** 0.5)).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1**step)))
-    return True
 
 
 def _as_tensor_list(shared: SharedLike) -> list[Tensor]:
@@ -206,7 +123,7 @@ class GradNorm(Balancer):
                 or accumulation_steps < 1):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         self.accumulation_steps = accumulation_steps
-        self._window = _Window(accumulation_steps)
+        self._window = Window(accumulation_steps)
         self.alpha = _checks.check_nonnegative("alpha", alpha)
         self.lr = _checks.check_positive("lr", lr)
         self.min_weight = _checks.check_positive("min_weight", min_weight)
@@ -253,22 +170,7 @@ class GradNorm(Balancer):
         """L_i: this process's, or the mean over the processes (one all-reduce of T values)."""
         if self.distributed is False:
             return values
-        group = self._group()
-        values = values.clone()
-        dist.all_reduce(values, group=group)
-        return values.div_(dist.get_world_size(group))
-
-    def _sync_norms(self, grad_norm_w: Tensor, per_sample: bool) -> Tensor:
-        """G_i over the processes: root of the summed squares / P at h, mean at parameters."""
-        group = self._group()
-        size = dist.get_world_size(group)
-        if per_sample:
-            squares = grad_norm_w.square()
-            dist.all_reduce(squares, group=group)
-            return squares.sqrt_().div_(size)
-        grad_norm_w = grad_norm_w.clone()
-        dist.all_reduce(grad_norm_w, group=group)
-        return grad_norm_w.div_(size)
+        return mean_over_processes(values, self._group())
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         try:
@@ -413,7 +315,7 @@ class GradNorm(Balancer):
             if scale is not None:
                 grad_norm_w = grad_norm_w / scale.to(grad_norm_w)
             if self.distributed is not False:
-                grad_norm_w = self._sync_norms(grad_norm_w, per_sample)
+                grad_norm_w = norms_over_processes(grad_norm_w, per_sample, self._group())
             finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         else:
             batched = self.general_path == "batched"
@@ -422,7 +324,7 @@ class GradNorm(Balancer):
                 grad_norm = per_task_norms(losses, shared_list, False, scale)  # the right task
             grad_norm_w = w_back.to(grad_norm) * grad_norm
             if self.distributed is not False:
-                grad_norm_w = self._sync_norms(grad_norm_w, per_sample)
+                grad_norm_w = norms_over_processes(grad_norm_w, per_sample, self._group())
             finite = self._check_finite_norms(grad_norm_w, before_backward=True)
             if finite or scale is not None:
                 # on an overflow of scaled gradients the backward still runs, so that the
@@ -468,7 +370,7 @@ class GradNorm(Balancer):
 
     def _update_weights(self, p: Tensor, dweights: Tensor) -> None:
         """One step of the weights' optimizer with gradient ``dweights``."""
-        if not _plain_adam_step(self._optimizer, p, dweights):
+        if not plain_adam_step(self._optimizer, p, dweights):
             p.grad = dweights
             self._optimizer.step()
             p.grad = None
