@@ -1,0 +1,91 @@
+"""Two versions of lossbalance against the plain step, interleaved step by step in one process.
+
+The step-overhead table moves by several hundredths between runs on a shared machine (the
+plain step's time drifts); comparing a change against the code before it is steadier when
+both run in the same process, alternating plain / old / new every step:
+
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/compare_versions.py --old /tmp/before/src --new src --tasks 10 --where h
+
+prints the median step time of each as a ratio to the plain equal-weights step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import TrunkHeads
+
+
+def load(src: str, alias: str):
+    """Import the ``lossbalance`` package under ``src`` and file it under ``alias``."""
+    for name in [n for n in sys.modules if n == "lossbalance" or n.startswith("lossbalance.")]:
+        sys.modules[f"_{id(sys.modules[name])}_{name}"] = sys.modules.pop(name)
+    sys.path.insert(0, str(Path(src).resolve()))
+    try:
+        module = importlib.import_module("lossbalance")
+    finally:
+        sys.path.pop(0)
+    for name in [n for n in sys.modules if n == "lossbalance" or n.startswith("lossbalance.")]:
+        sys.modules[f"{alias}.{name}"] = sys.modules.pop(name)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--old", required=True, help="the src/ folder of the old version")
+    parser.add_argument("--new", default="src", help="the src/ folder of the new version")
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--where", choices=("W", "h"), default="W")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    versions = {"old": load(args.old, "old"), "new": load(args.new, "new")}
+    if versions["old"].__file__ == versions["new"].__file__:
+        parser.error(f"--old and --new both load {versions['new'].__file__}")
+    print(f"# old: {versions['old'].__file__}\n# new: {versions['new'].__file__}")
+    T = args.tasks
+    torch.manual_seed(0)
+    model = TrunkHeads(T)
+    x, ys = torch.randn(128, 250), [torch.randn(128, 100) for _ in range(T)]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    shared = model.last_shared if args.where == "W" else None
+    bals = {k: v.GradNorm(T, alpha=0.12) for k, v in versions.items()}
+
+    def step(kind: str) -> None:
+        opt.zero_grad()
+        h = model.trunk(x)
+        if kind == "plain":
+            losses = [F.mse_loss(model.heads[i](h), ys[i]) for i in range(T)]
+            torch.stack(losses).sum().backward()
+        else:
+            feats = bals[kind].tap(h)
+            losses = [F.mse_loss(model.heads[i](feats[i]), ys[i]) for i in range(T)]
+            bals[kind].backward(losses, shared=shared)
+        opt.step()
+
+    times: dict[str, list[float]] = {"plain": [], "old": [], "new": []}
+    for r in range(args.steps + 30):
+        for kind, seen in times.items():
+            t0 = time.perf_counter()
+            step(kind)
+            if r >= 30:  # warm-up
+                seen.append(time.perf_counter() - t0)
+    plain = statistics.median(times["plain"])
+    print(f"T={T}, norms at {args.where}: plain step {plain * 1e3:.3f} ms; "
+          f"old {statistics.median(times['old']) / plain:.3f}x; "
+          f"new {statistics.median(times['new']) / plain:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
