@@ -229,13 +229,7 @@ class Capture:
     def _take_vjp(self, i: int, g: Tensor) -> None:
         grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
                                     allow_unused=True)
-        present = [t for t in grads if t is not None]
-        if present:
-            sq = torch.stack([torch.linalg.vector_norm(t, dtype=self.norm_dtype)
-                              for t in present])
-            torch.linalg.vector_norm(sq, out=self.rows[i])
-        else:
-            self.rows[i].zero_()
+        self.rows[i].copy_(_joint_norms([t.unsqueeze(0) for t in grads if t is not None], 1, g)[0])
         self.done[i] = True
 
     def _take_linear(self, i: int, g: Tensor) -> None:
