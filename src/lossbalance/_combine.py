@@ -48,7 +48,7 @@ class Window:
         self.norms: Tensor | None = None
 
     def check(self, per_sample: bool) -> None:
-        if self.count and per_sample != self.per_sample:
+        if self.per_sample is not None and per_sample != self.per_sample:
             raise ValueError(
                 "the gradient norms of this accumulation window were measured at "
                 f"{'h' if self.per_sample else 'parameters'}; a call in the same window "
@@ -70,6 +70,13 @@ class Window:
                self.norms.sqrt() if per_sample else self.norms, self.finite)
         self.reset()
         return out
+
+    def add_skipped(self) -> None:
+        """A call that measured nothing: it still counts, and the window makes no update."""
+        self.count += 1
+        self.finite = False
+        if self.count >= self.size:
+            self.reset()
 
     def state(self) -> dict[str, Any]:
         return {"count": self.count, "finite": self.finite, "per_sample": self.per_sample,

@@ -108,3 +108,19 @@ def test_measuring_elsewhere_inside_a_window_is_an_error():
 def test_bad_accumulation_steps(bad):
     with pytest.raises(ValueError, match="accumulation_steps"):
         lb.GradNorm(T, accumulation_steps=bad)
+
+
+def test_a_skipped_call_still_counts_in_its_window():
+    net, x, ys = problem()
+    bal = lb.GradNorm(T, accumulation_steps=2, on_nonfinite="skip").double()
+    h = net.trunk(x[:16])
+    feats = bal.tap(h)
+    losses = [F.mse_loss(net.heads[i](feats[i]), ys[i][:16]) for i in range(T)]
+    losses[1] = losses[1] * float("nan")
+    bal.backward(losses, shared=net.last_shared)  # skipped, but the first call of its window
+    assert bal.last_step_skipped
+    step(net, bal, x[16:], [y[16:] for y in ys], "fast", "W")  # closes it: no update
+    assert bal.last_step_skipped and int(bal.num_steps) == 0
+    for rows in (slice(0, 16), slice(16, 32)):  # the next window is whole again
+        step(net, bal, x[rows], [y[rows] for y in ys], "fast", "W")
+    assert not bal.last_step_skipped and int(bal.num_steps) == 1

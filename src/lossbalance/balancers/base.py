@@ -92,6 +92,7 @@ class Balancer(nn.Module):
         if bad is not None:
             if self.on_nonfinite == "skip":
                 self.last_step_skipped = True
+                self._skipped_call()
                 return (self.weights.to(values) * values).sum()
             raise ValueError(
                 f"the loss of {_checks.task_label(bad, self.task_names)} is "
@@ -104,6 +105,9 @@ class Balancer(nn.Module):
         **signals: Any
     ) -> Tensor:
         raise NotImplementedError
+
+    def _skipped_call(self) -> None:
+        """A call skipped for a non-finite loss (GradNorm counts it in its window)."""
 
     def _loss_values(self, values: Tensor) -> Tensor:
         """The loss values that the checks and the balancer's state see (here: this step's)."""

@@ -166,6 +166,10 @@ class GradNorm(Balancer):
             )
         return None if self.distributed is True else self.distributed
 
+    def _skipped_call(self) -> None:
+        if self.accumulation_steps > 1:
+            self._window.add_skipped()
+
     def _loss_values(self, values: Tensor) -> Tensor:
         """L_i: this process's, or the mean over the processes (one all-reduce of T values)."""
         if self.distributed is False:
