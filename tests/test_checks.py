@@ -52,6 +52,14 @@ def assert_unchanged(net, bal, snap):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
 
 
+def assert_refused(net, bal, losses, match, error=ValueError, **kwargs):
+    """``bal.backward(losses, **kwargs)`` raises ``error`` and changes nothing."""
+    snap = snapshot(net, bal)
+    with pytest.raises(error, match=match):
+        bal.backward(losses, **kwargs)
+    assert_unchanged(net, bal, snap)
+
+
 def losses_for(net, x, ys, feats):
     return [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(T)]
 
@@ -80,10 +88,7 @@ def test_bad_losses_raise_and_change_nothing(setup, make_losses, shared, error, 
         "notparam": torch.zeros(3),
         "outside": nn.Linear(2, 2).weight,
     }[shared]
-    snap = snapshot(net, bal)
-    with pytest.raises(error, match=match):
-        bal.backward(losses, shared=shared_arg)
-    assert_unchanged(net, bal, snap)
+    assert_refused(net, bal, losses, match, error, shared=shared_arg)
 
 
 def test_task_not_using_the_tap_is_an_error(setup):
@@ -92,10 +97,8 @@ def test_task_not_using_the_tap_is_an_error(setup):
     f = bal.tap(h)
     losses = losses_for(net, x, ys, f)
     losses[1] = F.mse_loss(net.heads[1](net.trunk(x)), ys[1])  # head 1 on another forward
-    snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match=r"task 1 \('b'\) does not reach the tapped"):
-        bal.backward(losses, shared=net.last_shared)
-    assert_unchanged(net, bal, snap)
+    assert_refused(net, bal, losses, r"task 1 \('b'\) does not reach the tapped",
+                   shared=net.last_shared)
 
 
 def test_tasks_sharing_an_operation_on_the_tap_is_an_error(setup):
@@ -106,10 +109,8 @@ def test_tasks_sharing_an_operation_on_the_tap_is_an_error(setup):
     losses = losses_for(net, x, ys, f)
     losses[0] = F.mse_loss(net.heads[0](doubled), ys[0])
     losses[2] = F.mse_loss(net.heads[2](doubled), ys[2])
-    snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match=r"task 0 \('a'\) and task 2 \('c'\) share an"):
-        bal.backward(losses, shared=net.last_shared)
-    assert_unchanged(net, bal, snap)
+    assert_refused(net, bal, losses, r"task 0 \('a'\) and task 2 \('c'\) share an",
+                   shared=net.last_shared)
 
 
 def test_path_around_the_tap_to_shared_is_an_error(setup):
@@ -118,10 +119,8 @@ def test_path_around_the_tap_to_shared_is_an_error(setup):
     f = bal.tap(net.trunk[-1](z))
     losses = losses_for(net, x, ys, f)
     losses[1] = losses[1] + z.pow(2).mean()  # task 1 also reads z: a path to W around h
-    snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match=r"task 1 \('b'\) reaches shared\[0\] by a path"):
-        bal.backward(losses, shared=net.last_shared)
-    assert_unchanged(net, bal, snap)
+    assert_refused(net, bal, losses, r"task 1 \('b'\) reaches shared\[0\] by a path",
+                   shared=net.last_shared)
     # without the tap the same losses are measured exactly at W
     net.zero_grad()
     z = net.trunk[:-1](x)
@@ -135,19 +134,14 @@ def test_task_not_reaching_shared_general_path(setup):
     h = net.trunk(x)
     losses = losses_for(net, x, ys, (h,) * T)
     losses[2] = F.mse_loss(net.heads[2](torch.randn(16, 16, dtype=torch.float64)), ys[2])
-    snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match=r"task 2 \('c'\) does not reach any of the shared"):
-        bal.backward(losses, shared=net.last_shared)
-    assert_unchanged(net, bal, snap)
+    assert_refused(net, bal, losses, r"task 2 \('c'\) does not reach any of the shared",
+                   shared=net.last_shared)
 
 
 def test_shared_none_without_tap_is_an_error(setup):
     net, x, ys, bal = setup
     h = net.trunk(x)
-    snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match=r"call feats = bal\.tap"):
-        bal.backward(losses_for(net, x, ys, (h,) * T))
-    assert_unchanged(net, bal, snap)
+    assert_refused(net, bal, losses_for(net, x, ys, (h,) * T), r"call feats = bal\.tap")
 
 
 def test_stale_tap_is_an_error(setup):
@@ -170,10 +164,8 @@ def test_nonpositive_initial_loss(alpha):
     losses = [net.heads[i](f[i]).mean() * 0 for i in range(T)]  # L_i(0) = 0
     losses[0] = losses[0] + 1.0
     if alpha > 0:
-        snap = snapshot(net, bal)
-        with pytest.raises(ValueError, match=r"L_i\(0\) of task 1 is -?0.0: loss ratios"):
-            bal.backward(losses, net.last_shared)
-        assert_unchanged(net, bal, snap)
+        assert_refused(net, bal, losses, r"L_i\(0\) of task 1 is -?0.0: loss ratios",
+                       shared=net.last_shared)
         assert not bal._initialized
     else:
         bal.backward(losses, net.last_shared)  # alpha = 0 needs no ratios
@@ -234,10 +226,8 @@ def test_nonfinite_gradient_norm_general_path_raises_before_backward(setup):
     net.zero_grad()
     h = net.trunk(x)
     losses = _inf_grad_losses(net, x, ys, (h,) * T)
-    snap = snapshot(net, bal)
-    with pytest.raises(ValueError, match=r"gradient norm of task 1 \('b'\) is (inf|nan)"):
-        bal.backward(losses, shared=net.last_shared)
-    assert_unchanged(net, bal, snap)
+    assert_refused(net, bal, losses, r"gradient norm of task 1 \('b'\) is (inf|nan)",
+                   shared=net.last_shared)
 
 
 def test_nonfinite_gradient_norm_fast_path_leaves_balancer_untouched(setup):
