@@ -71,7 +71,8 @@ def _joint_norms(grads: Sequence[Tensor | None], num_tasks: int, like: Tensor) -
     return torch.linalg.vector_norm(torch.stack(present, dim=1), dim=1)
 
 
-def linear_pattern(h: Tensor, shared: Sequence[Tensor]) -> tuple[list, Tensor, dict] | None:
+def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None = None
+                   ) -> tuple[list, Tensor, dict] | None:
     """Match h = act_k(...act_1(x @ W.T + b)) with ``shared`` among {W, b}.
 
     Returns (activation nodes, x, {id(param): "weight" | "bias"}) or None when h is not of
@@ -114,7 +115,8 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor]) -> tuple[list, Tensor, d
     if x is None or x.dim() != 2:
         return None
     x_node = node.next_functions[1 if kind == "AddmmBackward0" else 0][0]
-    if _graph.reached_from(x_node, _graph.edges_of(shared), first=True):
+    edges = _graph.edges_of(shared) if edges is None else edges  # the shared tensors' edges
+    if _graph.reached_from(x_node, edges, first=True):
         return None  # a shared tensor is used below this layer too
     return acts, x, roles
 
@@ -188,7 +190,7 @@ class Capture:
                       "linear": self._take_linear}[self.mode]
         if self.mode == "linear":
             self.chunk = max(1, min(self.chunk_size, num_tasks))
-            self.slots = self.workspace.rows("delta", (self.chunk, *h.shape), h)[1]
+            self.delta, self.slots = self.workspace.rows("delta", (self.chunk, *h.shape), h)
             acts = pattern[0]
             if acts:
                 with torch.no_grad():  # act'(z): the activation chain's VJP of ones
@@ -249,7 +251,7 @@ class Capture:
         if not n:
             return
         _, x, roles = self.pattern  # type: ignore[misc]
-        delta = self.workspace.get("delta", (self.chunk, *self.h.shape), self.h)[:n]
+        delta = self.delta[:n]
         batch, fan_in = x.shape
         parts = []
         for p in self.shared:
@@ -311,6 +313,7 @@ class Capture:
         self.active = False
         self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
         self.shared, self.done, self.slots, self.rows = [], [], (), ()
+        self.delta = None
         self.mode, self._take = "h", self._take_h
         self.partial.clear()
         self.filled.clear()

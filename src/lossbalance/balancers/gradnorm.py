@@ -239,7 +239,7 @@ class GradNorm(Balancer):
                 "so their gradients at h cannot be told apart: tap the tensor their heads "
                 "branch from, or pass shared= parameters without a tap"
             )
-        pattern = linear_pattern(tap.h, shared)
+        pattern = linear_pattern(tap.h, shared, edges)
         if shared and pattern is None:
             self._check_shared_reached([tap.h], shared, "the tapped representation h", edges)
         return consumers, pattern
