@@ -191,7 +191,7 @@ def test_negative_initial_losses_argument():
     ({"num_tasks": 3, "task_names": ["a", "b"]}, "task_names has 2 names"),
     ({"num_tasks": 3, "min_weight": 0}, "min_weight must be > 0"),
     ({"num_tasks": 3, "general_path": "fast"}, "general_path must be"),
-    ({"num_tasks": 3, "chunk": 0}, "chunk must be an int >= 1, got 0"),
+    ({"num_tasks": 3, "chunk": 0}, "chunk must be None or an int >= 1, got 0"),
     ({"num_tasks": 3, "optimizer_kwargs": {"nonsense": 1}}, "could not build the weights"),
 ])
 def test_bad_gradnorm_arguments(kwargs, match):

@@ -73,7 +73,8 @@ class GradNorm(Balancer):
             trunk above ``shared``).
         chunk: on the fast path with ``shared`` an ``nn.Linear`` weight, how many tasks one
             batched matmul serves; the buffers kept between steps hold chunk x (|h| + |W|)
-            numbers. Larger is a little faster and holds more memory.
+            numbers. Larger is a little faster and holds more memory; None (default) takes
+            T // 2, between 1 and 4 (``lossbalance._taps.auto_chunk``).
         task_names: names, to pass losses as a dict and to name tasks in errors.
         on_nonfinite: "raise" (default) or "skip" for non-finite losses or gradient norms.
         distributed: for data-parallel training (DDP), True (the default process group) or a
@@ -106,7 +107,7 @@ class GradNorm(Balancer):
         initial_losses: Sequence[float] | Tensor | None = None,
         min_weight: float = 1e-6,
         general_path: str = "loop",
-        chunk: int = 4,
+        chunk: int | None = None,
         task_names: Sequence[str] | None = None,
         on_nonfinite: str = "raise",
         distributed: bool | Any = False,
@@ -130,8 +131,9 @@ class GradNorm(Balancer):
         if general_path not in ("loop", "batched"):
             raise ValueError(f"general_path must be 'loop' or 'batched', got {general_path!r}")
         self.general_path = general_path
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                                  or chunk < 1):
+            raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
         self._optimizer_cls = optimizer
         self._optimizer_kwargs = dict(optimizer_kwargs or {})
         self.register_buffer("task_weights", torch.ones(num_tasks))
