@@ -48,6 +48,32 @@ def test_linear_pattern_norms(act, chunk, which, fan_in):
     torch.testing.assert_close(captured_norms(losses, h, shared, chunk), ref)
 
 
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Identity])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("fan_in", [6, 40], ids=["direct", "gram"])  # 12 rows
+@pytest.mark.parametrize("shape", [(12,), (3, 4)], ids=["2d", "3d"])
+def test_linear_pattern_without_bias_and_on_sequences(act, bias, chunk, fan_in, shape):
+    # nn.Linear without bias is a plain mm; on [B, L, in] it is one matmul over the B*L rows
+    # whose result is viewed as [B, L, out]
+    torch.manual_seed(0)
+    lin = nn.Linear(fan_in, 5, bias=bias).double()
+    x = torch.randn(*shape, fan_in, dtype=torch.float64)
+    h = act()(lin(x))
+    heads = [nn.Linear(5, 2).double() for _ in range(3)]
+    losses = [heads[i](h).pow(2).mean() * (i + 1) for i in range(3)]
+    shared = [lin.weight, lin.bias] if bias else [lin.weight]
+    assert linear_pattern(h, shared) is not None
+    ref = per_task_reference(losses, shared)
+    torch.testing.assert_close(captured_norms(losses, h, shared, chunk), ref)
+
+
+def test_linear_pattern_refuses_a_view_that_is_not_a_row_split():
+    lin = nn.Linear(4, 6)
+    h = lin(torch.randn(5, 4)).view(5, 2, 3)  # splits the output features, not the rows
+    assert linear_pattern(h, [lin.weight]) is None
+
+
 @pytest.mark.parametrize("shared_kind", ["none", "conv"])
 def test_generic_layer_and_norms_at_h(shared_kind):
     torch.manual_seed(0)

@@ -75,19 +75,26 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None =
                    ) -> tuple[list, Tensor, dict] | None:
     """Match h = act_k(...act_1(x @ W.T + b)) with ``shared`` among {W, b}.
 
+    ``nn.Linear`` on inputs with more than two dimensions ([B, L, in]: sequences, tokens)
+    matches too: it runs as one matmul over the B*L rows whose result is viewed as h, so
+    x is then the [B*L, in] input and delta_i is read as [B*L, out].
     Returns (activation nodes, x, {id(param): "weight" | "bias"}) or None when h is not of
     that form; the caller then uses the generic VJP. A match also proves that h reaches every
     tensor of ``shared``. It is refused when a shared tensor is also used below the layer
     (tied weights, a recurrent trunk), where delta_i^T x would be only part of its gradient;
     telling that needs a walk of the graph below the layer (a few us a node).
     """
-    if h.dim() != 2 or not shared:
+    if h.dim() < 2 or not shared:
         return None
     node = h.grad_fn
     acts = []
     while node is not None and type(node).__name__ in _ELEMENTWISE:
         acts.append(node)
         node = node.next_functions[0][0]
+    if node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0"):
+        node = node.next_functions[0][0]  # the [B*L, out] result viewed as [B, L, out]
+    elif h.dim() != 2:
+        return None
     if node is None:
         return None
     kind = type(node).__name__
@@ -111,9 +118,9 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None =
         roles[id(b_acc.variable)] = "bias"
     if any(id(p) not in roles for p in shared):
         return None
-    x = node._saved_mat1
-    if x is None or x.dim() != 2:
-        return None
+    x = node._saved_mat1 if kind == "AddmmBackward0" else node._saved_self
+    if x is None or x.dim() != 2 or h.numel() != x.shape[0] * h.shape[-1]:
+        return None  # h must be the matmul's [rows, out] result, rows split at most
     x_node = node.next_functions[1 if kind == "AddmmBackward0" else 0][0]
     edges = _graph.edges_of(shared) if edges is None else edges  # the shared tensors' edges
     if _graph.reached_from(x_node, edges, first=True):
@@ -203,6 +210,7 @@ class Capture:
         acts, x, roles = self.pattern  # type: ignore[misc]
         self.chunk = max(1, min(self.chunk_size or auto_chunk(num_tasks), num_tasks))
         self.delta, self.slots = self.workspace.rows("delta", (self.chunk, *h.shape), h)
+        self.delta_rows = self.delta.view(self.chunk, x.shape[0], h.shape[-1])  # [n, rows, out]
         self.pos, self.x = 0, x
         if len(acts) == 1 and type(acts[0]).__name__ == "ReluBackward0":
             # act'(z) = [h > 0]: delta_i = relu's own backward of g_i, no Jacobian kept
@@ -215,7 +223,7 @@ class Capture:
             self.jac = jac
         batch, fan_in = x.shape
         if len(self.shared) == 1 and roles[id(self.shared[0])] == "weight" and batch >= fan_in:
-            self.dw = self.workspace.get("dw", (self.chunk, h.shape[1], fan_in), h)
+            self.dw = self.workspace.get("dw", (self.chunk, h.shape[-1], fan_in), h)
 
     def _make_hook(self, i: int, k: int, single: bool):
         def hook(grad_inputs, grad_outputs):  # hooks run under the backward's no-grad mode
@@ -261,7 +269,7 @@ class Capture:
         n = len(self.filled)
         if not n:
             return
-        delta = self.delta if n == self.chunk else self.delta[:n]
+        delta = self.delta_rows if n == self.chunk else self.delta_rows[:n]
         rows = self.out[self.pos:self.pos + n]
         if self.dw is not None:  # one weight, no wider than the batch: the usual case
             dw = self.dw if n == self.chunk else self.dw[:n]
@@ -333,7 +341,7 @@ class Capture:
         self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
         self.x = self.relu_out = self.dw = None
         self.shared, self.done, self.slots, self.rows = [], [], (), ()
-        self.delta = None
+        self.delta = self.delta_rows = None
         self.mode, self._take = "h", self._take_h
         self.partial.clear()
         self.filled.clear()

@@ -98,6 +98,31 @@ def test_matches_literal_with_other_activations(act):
     run_both("fast", "W", torch.optim.Adam, torch.float64, steps=20, act=act)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(24,), (4, 6)], ids=["2d", "sequence"])
+def test_matches_literal_on_sequences_and_without_bias(bias, shape):
+    # the last shared layer without bias (a plain mm), or applied to [B, L, in] (one matmul
+    # over the B*L rows): the fast path's nn.Linear shortcut must hold for both
+    torch.manual_seed(2)
+    trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12, bias=bias),
+                          nn.ReLU()).double()
+    heads = nn.ModuleList(nn.Linear(12, 2) for _ in range(3)).double()
+    trunk_b, heads_b = copy.deepcopy(trunk), copy.deepcopy(heads)
+    x = torch.randn(*shape, 8, dtype=torch.float64)
+    ys = [torch.randn(*shape, 2, dtype=torch.float64) * s for s in SCALES]
+    bal = lb.GradNorm(3, alpha=1.5, lr=0.05).double()
+    lit = LiteralGradNorm(3, 1.5, 0.05, dtype=torch.float64)
+    for _ in range(20):
+        feats = bal.tap(trunk(x))
+        bal.backward([F.mse_loss(heads[i](feats[i]), ys[i]) for i in range(3)],
+                     shared=trunk[2].weight)
+        hb = trunk_b(x)
+        g_lit, _ = lit.step([F.mse_loss(heads_b[i](hb), ys[i]) for i in range(3)],
+                            [trunk_b[2].weight])
+        torch.testing.assert_close(bal.stats["grad_norm"], g_lit, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(bal.weights, lit.w.detach(), rtol=0, atol=1e-8)
+
+
 class NormTrunk(nn.Module):
     """A trunk whose last layer is not Linear->activation: the generic batched VJP path."""
 
