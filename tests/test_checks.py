@@ -144,6 +144,36 @@ def test_shared_none_without_tap_is_an_error(setup):
     assert_refused(net, bal, losses_for(net, x, ys, (h,) * T), r"call feats = bal\.tap")
 
 
+@pytest.mark.parametrize("shared,error,match", [
+    ([], ValueError, r"shared is empty: pass None"),
+    (nn.ReLU(), ValueError, r"shared=ReLU\(\.\.\.\) has no parameters that require grad"),
+    (3.0, TypeError, r"shared must be a tensor, an nn.Module, a list of tensors or None, got "
+                     "float"),
+    ([torch.zeros(2), "W"], TypeError, r"shared\[1\] must be a tensor, got str"),
+])
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_bad_shared_is_an_error(setup, path, shared, error, match):
+    net, x, ys, bal = setup
+    h = net.trunk(x)
+    feats = bal.tap(h) if path == "fast" else (h,) * T
+    assert_refused(net, bal, losses_for(net, x, ys, feats), match, error, shared=shared)
+
+
+def test_shared_module_means_its_trainable_parameters(setup):
+    net, x, ys, bal = setup
+    other = copy.deepcopy(bal)
+    layer = net.trunk[-2]
+    for b, shared in ((bal, layer), (other, [layer.weight, layer.bias])):
+        f = b.tap(net.trunk(x))
+        b.backward(losses_for(net, x, ys, f), shared=shared)
+    assert torch.equal(bal.stats["grad_norm"], other.stats["grad_norm"])
+    layer.bias.requires_grad_(False)  # a frozen parameter is left out
+    for b, shared in ((bal, layer), (other, [layer.weight])):
+        f = b.tap(net.trunk(x))
+        b.backward(losses_for(net, x, ys, f), shared=shared)
+    assert torch.equal(bal.stats["grad_norm"], other.stats["grad_norm"])
+
+
 def test_stale_tap_is_an_error(setup):
     net, x, ys, bal = setup
     bal.tap(net.trunk(x))  # tapped, then not used by the heads

@@ -134,6 +134,37 @@ def loss_list(
     return [loss if loss.dim() == 0 else loss.reshape(()) for loss in items]
 
 
+def shared_tensors(shared: object) -> list[Tensor]:
+    """``shared`` as a list of tensors: [] for None (norms at the tapped h), [t] for a tensor,
+    the parameters that require grad of an ``nn.Module`` (``shared=model.trunk[-2]``: the
+    last shared layer, weight and bias), or the items of an iterable of tensors.
+    """
+    if shared is None:
+        return []
+    if isinstance(shared, Tensor):
+        return [shared]
+    if isinstance(shared, torch.nn.Module):
+        items = [p for p in shared.parameters() if p.requires_grad]
+        if not items:
+            raise ValueError(
+                f"shared={type(shared).__name__}(...) has no parameters that require grad"
+            )
+        return items
+    try:
+        items = list(shared)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            "shared must be a tensor, an nn.Module, a list of tensors or None, got "
+            f"{type(shared).__name__}"
+        ) from None
+    if not items:
+        raise ValueError("shared is empty: pass None to measure the norms at the tapped h")
+    for k, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"shared[{k}] must be a tensor, got {type(t).__name__}")
+    return items
+
+
 def check_grad_scaler(scaler: object) -> object | None:
     """A ``torch.amp.GradScaler`` (anything with ``scale`` and ``is_enabled``) or None.
 

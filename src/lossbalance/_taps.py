@@ -182,6 +182,14 @@ class Capture:
         self.partial: dict[int, Tensor] = {}
         self.end()
 
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and pickling: the hook functions close over this object
+        (a copy must make its own) and local functions do not pickle, so they are left out
+        and made again on demand."""
+        state = self.__dict__.copy()
+        state["_hooks"], state["_orders"] = {}, {}
+        return state
+
     def begin(self, h: Tensor, shared: Sequence[Tensor],
               pattern: tuple[list, Tensor, dict] | None,
               consumers: list[list[tuple[object, int]]]) -> None:

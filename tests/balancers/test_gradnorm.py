@@ -328,6 +328,33 @@ def test_state_dict_round_trip_resumes_bit_exactly(tmp_path):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("where", ["W", "h"])
+def test_copied_or_pickled_balancer_carries_on_like_the_original(tmp_path, how, where):
+    # a copy must not share the original's hooks (they would report to the original), and
+    # torch.save(bal) pickles the whole object
+    net, x, ys = make_problem()
+    bal = lb.GradNorm(3, alpha=1.5).double()
+    shared = net.last_shared if where == "W" else None
+
+    def steps(b, n):
+        trace = []
+        for _ in range(n):
+            f = b.tap(net.trunk(x))
+            b.backward([F.mse_loss(net.heads[i](f[i]), ys[i]) for i in range(3)],
+                       shared=shared)
+            trace.append(b.weights)
+        return torch.stack(trace)
+
+    steps(bal, 3)
+    if how == "deepcopy":
+        other = copy.deepcopy(bal)
+    else:
+        torch.save(bal, tmp_path / "bal.pt")
+        other = torch.load(tmp_path / "bal.pt", weights_only=False)
+    assert torch.equal(steps(other, 3), steps(bal, 3))
+
+
 def test_state_dict_is_a_snapshot():
     _net, _x, _ys = make_problem()
     bal = train(lb.GradNorm(3).double(), 3)

@@ -7,7 +7,7 @@ updates its weights w from what it measured in that step. It is a ``torch.nn.Mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import _checks
 from .._checks import LossesLike
 
-SharedLike = Tensor | Sequence[Tensor] | None
+SharedLike = Tensor | nn.Module | Iterable[Tensor] | None
 
 
 def _set(module: nn.Module, name: str, value: Any) -> None:
@@ -75,7 +75,9 @@ class Balancer(nn.Module):
 
         ``losses``: T scalar tensors (list/tuple, 1-D tensor or dict keyed by ``task_names``).
         ``shared``: the shared parameter(s) at which gradient norms are measured, for balancers
-        that use them (GradNorm); ignored by the others.
+        that use them (GradNorm): a tensor, a list of tensors, or a module (its parameters,
+        e.g. ``model.trunk[-2]`` for the last shared layer's weight and bias); ignored by the
+        others.
         ``grad_scaler``: a ``torch.amp.GradScaler`` for mixed precision: the backward runs on
         ``grad_scaler.scale(sum_i w_i L_i)`` (then call ``grad_scaler.step(opt)`` and
         ``grad_scaler.update()`` as usual); balancers that measure gradients divide the scale

@@ -40,18 +40,6 @@ def _is_process_group(group: object) -> bool:
     return dist.is_available() and isinstance(group, dist.ProcessGroup)
 
 
-def _as_tensor_list(shared: SharedLike) -> list[Tensor]:
-    if shared is None:
-        return []
-    if isinstance(shared, Tensor):
-        return [shared]
-    items = list(shared)
-    for k, t in enumerate(items):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"shared[{k}] must be a tensor, got {type(t).__name__}")
-    return items
-
-
 class GradNorm(Balancer):
     """GradNorm weights learned from gradient norms at a shared layer (Algorithm 1).
 
@@ -284,7 +272,7 @@ class GradNorm(Balancer):
         self._no_signals(signals)
         tap = self._tap
         _set(self, "_tap", None)
-        shared_list = _as_tensor_list(shared)
+        shared_list = _checks.shared_tensors(shared)
         first = not self._initialized
         if first and self.alpha > 0:
             _checks.check_initial_losses(values, self.task_names)
@@ -406,7 +394,9 @@ class GradNorm(Balancer):
     ) -> Tensor:
         """Backpropagate sum_i w_i L_i and take one GradNorm step on the weights.
 
-        ``shared``: a parameter, a list of parameters, or None (norms at the tapped h).
+        ``shared``: a parameter, a list of parameters, a module (its parameters that require
+        grad: ``shared=model.trunk[-2]`` for the last shared layer), or None (norms at the
+        tapped h).
         ``grad_scaler``: a ``torch.amp.GradScaler``; the backward runs on the scaled total,
         G_i are measured on scaled gradients and divided by the scale (exact: the scale is a
         power of two), and a step whose gradient norms overflowed skips the weights' update
