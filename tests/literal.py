@@ -13,12 +13,12 @@ from torch import nn
 
 class LiteralGradNorm:
     def __init__(self, num_tasks, alpha, lr, optimizer=torch.optim.Adam, min_weight=1e-6,
-                 dtype=torch.float32):
+                 dtype=torch.float32, optimizer_kwargs=None):
         self.T = num_tasks
         self.alpha = alpha
         self.min_weight = min_weight
         self.w = torch.ones(num_tasks, dtype=dtype, requires_grad=True)
-        self.opt = optimizer([self.w], lr=lr)
+        self.opt = optimizer([self.w], lr=lr, **(optimizer_kwargs or {}))
         self.L0 = None
 
     def step(self, losses, shared):

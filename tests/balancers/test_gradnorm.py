@@ -36,8 +36,16 @@ def shared_of(net, where, h):
                                  "trunk": list(net.trunk.parameters()), "h": [h]}[where]
 
 
+def literal_like(bal, alpha, lr, dtype, optimizer=torch.optim.Adam):
+    """The literal algorithm with the same kind of weights' update as ``bal`` (fused or not:
+    the two Adam kernels round differently in the last bit)."""
+    fused = {"fused": True} if bal.optimizer.defaults.get("fused") else {}
+    return LiteralGradNorm(bal.num_tasks, alpha, lr, optimizer=optimizer, dtype=dtype,
+                           optimizer_kwargs=fused)
+
+
 def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr=0.025,
-             batch=32):
+             batch=32, rtol=1e-5):
     general_path = "batched" if path == "batched" else "loop"
     path = "general" if path == "batched" else path
     net, x, ys = make_problem(dtype=dtype, act=act, batch=batch)
@@ -47,7 +55,7 @@ def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr
     opt_b = torch.optim.SGD(net_b.parameters(), lr=1e-3)
     bal = lb.GradNorm(T, alpha=alpha, lr=lr, optimizer=optimizer,
                       general_path=general_path).to(dtype)
-    lit = LiteralGradNorm(T, alpha, lr, optimizer=optimizer, dtype=dtype)
+    lit = literal_like(bal, alpha, lr, dtype, optimizer)
     for _ in range(steps):
         opt_a.zero_grad()
         opt_b.zero_grad()
@@ -59,8 +67,8 @@ def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr
         hb = net_b.trunk(x)
         losses_b = [F.mse_loss(net_b.heads[i](hb), ys[i]) for i in range(T)]
         g_lit, target_lit = lit.step(losses_b, shared_of(net_b, where, hb))
-        torch.testing.assert_close(bal.stats["grad_norm"], g_lit, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bal.stats["target"], target_lit, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bal.stats["grad_norm"], g_lit, rtol=rtol, atol=1e-6)
+        torch.testing.assert_close(bal.stats["target"], target_lit, rtol=rtol, atol=1e-6)
         for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
             torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-5)
         opt_a.step()
@@ -90,7 +98,10 @@ def test_matches_literal_in_float32(path):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_literal_when_the_layer_is_wider_than_the_batch(dtype):
     # batch 8 < 16 inputs of the last shared layer: norms from the batch's Gram matrix
-    run_both("fast", "W", torch.optim.Adam, dtype, batch=8)
+    # in float32, ||dW_i||^2 = <delta_i, (x x^T) delta_i> rounds differently from summing
+    # the squares of dW_i (measured up to 5e-5 relative over the 50 steps)
+    run_both("fast", "W", torch.optim.Adam, dtype, batch=8,
+             rtol=1e-4 if dtype == torch.float32 else 1e-5)
 
 
 @pytest.mark.parametrize("act", [nn.Tanh, nn.GELU, nn.LeakyReLU], ids=["tanh", "gelu", "leaky"])
@@ -111,7 +122,7 @@ def test_matches_literal_on_sequences_and_without_bias(bias, shape):
     x = torch.randn(*shape, 8, dtype=torch.float64)
     ys = [torch.randn(*shape, 2, dtype=torch.float64) * s for s in SCALES]
     bal = lb.GradNorm(3, alpha=1.5, lr=0.05).double()
-    lit = LiteralGradNorm(3, 1.5, 0.05, dtype=torch.float64)
+    lit = literal_like(bal, 1.5, 0.05, torch.float64)
     for _ in range(20):
         feats = bal.tap(trunk(x))
         bal.backward([F.mse_loss(heads[i](feats[i]), ys[i]) for i in range(3)],
@@ -144,7 +155,7 @@ def test_generic_vjp_path_matches_literal(path):
     x = torch.randn(20, 8, dtype=torch.float64)
     ys = [torch.randn(20, 2, dtype=torch.float64) * s for s in SCALES]
     bal = lb.GradNorm(3, alpha=0.5, lr=0.05).double()
-    lit = LiteralGradNorm(3, 0.5, 0.05, dtype=torch.float64)
+    lit = literal_like(bal, 0.5, 0.05, torch.float64)
     for _ in range(10):
         h = trunk(x)
         feats = bal.tap(h) if path == "fast" else (h,) * 3
@@ -399,11 +410,13 @@ class _AdamViaStep(torch.optim.Adam):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kwargs", [{}, {"betas": (0.5, 0.9), "eps": 1e-3}, {"amsgrad": True},
-                                    {"weight_decay": 0.1}, {"maximize": True}],
-                         ids=["default", "betas", "amsgrad", "decay", "maximize"])
+@pytest.mark.parametrize("kwargs", [{}, {"fused": False}, {"betas": (0.5, 0.9), "eps": 1e-3},
+                                    {"betas": (0.5, 0.9), "eps": 1e-3, "fused": False},
+                                    {"amsgrad": True}, {"weight_decay": 0.1}, {"maximize": True}],
+                         ids=["default", "single-tensor", "betas", "betas-single-tensor",
+                              "amsgrad", "decay", "maximize"])
 def test_adam_shortcut_equals_optimizer_step_bit_for_bit(dtype, kwargs):
-    def run(optimizer):
+    def run(optimizer, kwargs):
         bal = lb.GradNorm(3, alpha=1.5, optimizer=optimizer, optimizer_kwargs=kwargs).to(dtype)
         net, x, ys = make_problem(dtype=dtype)
         trace = []
@@ -415,10 +428,12 @@ def test_adam_shortcut_equals_optimizer_step_bit_for_bit(dtype, kwargs):
             bal.backward([F.mse_loss(net.heads[i](f[i]), ys[i]) for i in range(3)],
                          shared=net.last_shared)
             trace.append(bal.weights)
-        return torch.stack(trace), bal.optimizer.state_dict()["state"][0]
+        return torch.stack(trace), bal.optimizer.state_dict()["state"][0], bal.optimizer
 
-    weights_a, state_a = run(torch.optim.Adam)
-    weights_b, state_b = run(_AdamViaStep)
+    weights_a, state_a, opt_a = run(torch.optim.Adam, kwargs)
+    # Adam is fused unless told otherwise; the subclass (whose step() always runs) is not
+    assert opt_a.defaults["fused"] is kwargs.get("fused", True)
+    weights_b, state_b, _ = run(_AdamViaStep, {"fused": opt_a.defaults["fused"], **kwargs})
     assert torch.equal(weights_a, weights_b)
     for key in state_b:
         assert torch.equal(state_a[key], state_b[key]), key
