@@ -134,6 +134,32 @@ def test_matches_literal_on_sequences_and_without_bias(bias, shape):
         torch.testing.assert_close(bal.weights, lit.w.detach(), rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("where", ["W", "h"])
+def test_compiled_trunk_and_heads(where):
+    # torch.compile'd trunk and heads (compiled apart, so h is between them): the tap's hooks
+    # sit on the heads' compiled nodes; norms at W go through the compiled trunk's backward
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU()).double()
+    heads = nn.ModuleList(nn.Linear(12, 2) for _ in range(3)).double()
+    compiled_trunk = torch.compile(trunk, backend="aot_eager")
+    compiled_heads = [torch.compile(head, backend="aot_eager") for head in heads]
+    x = torch.randn(20, 8, dtype=torch.float64)
+    ys = [torch.randn(20, 2, dtype=torch.float64) * s for s in SCALES]
+    bal = lb.GradNorm(3).double()
+    for _ in range(3):
+        f = bal.tap(compiled_trunk(x))
+        bal.backward([F.mse_loss(compiled_heads[i](f[i]), ys[i]) for i in range(3)],
+                     shared=trunk[2].weight if where == "W" else None)
+        h = trunk(x)
+        ref = []
+        for i in range(3):
+            loss = F.mse_loss(heads[i](h), ys[i]) * bal.stats["weight"][i]
+            grad = torch.autograd.grad(loss, trunk[2].weight if where == "W" else h,
+                                       retain_graph=True)[0]
+            ref.append(grad.norm())
+        torch.testing.assert_close(bal.stats["grad_norm"], torch.stack(ref))
+
+
 class NormTrunk(nn.Module):
     """A trunk whose last layer is not Linear->activation: the generic batched VJP path."""
 
