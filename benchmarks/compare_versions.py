@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--new", default="src", help="the src/ folder of the new version")
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--where", choices=("W", "h"), default="W")
+    parser.add_argument("--path", choices=("fast", "general"), default="fast",
+                        help="fast: heads read bal.tap(h); general: no tap (shared=h at h)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -69,9 +71,10 @@ def main() -> None:
             losses = [F.mse_loss(model.heads[i](h), ys[i]) for i in range(T)]
             torch.stack(losses).sum().backward()
         else:
-            feats = bals[kind].tap(h)
+            fast = args.path == "fast"
+            feats = bals[kind].tap(h) if fast else (h,) * T
             losses = [F.mse_loss(model.heads[i](feats[i]), ys[i]) for i in range(T)]
-            bals[kind].backward(losses, shared=shared)
+            bals[kind].backward(losses, shared=shared if fast or shared is not None else h)
         opt.step()
 
     times: dict[str, list[float]] = {"plain": [], "old": [], "new": []}
@@ -82,7 +85,7 @@ def main() -> None:
             if r >= 30:  # warm-up
                 seen.append(time.perf_counter() - t0)
     plain = statistics.median(times["plain"])
-    print(f"T={T}, norms at {args.where}: plain step {plain * 1e3:.3f} ms; "
+    print(f"T={T}, {args.path} path, norms at {args.where}: plain step {plain * 1e3:.3f} ms; "
           f"old {statistics.median(times['old']) / plain:.3f}x; "
           f"new {statistics.median(times['new']) / plain:.3f}x")
 

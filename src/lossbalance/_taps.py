@@ -61,6 +61,17 @@ def _flat_norms(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=_norm_dtype(g))
 
 
+def _norm_of(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> Tensor:
+    """One task's norm over several gradient tensors taken together (missing ones are 0)."""
+    present = [t for t in tensors if t is not None]
+    if len(present) == 1:
+        return torch.linalg.vector_norm(present[0], dtype=dtype)
+    if not present:
+        return torch.zeros((), dtype=dtype)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in present]))
+
+
 def _joint_norms(grads: Sequence[Tensor | None], num_tasks: int, like: Tensor) -> Tensor:
     """Per-task norm over several [T, ...] gradient stacks taken together."""
     present = [_flat_norms(g) for g in grads if g is not None]
@@ -256,7 +267,7 @@ class Capture:
     def _take_vjp(self, i: int, g: Tensor) -> None:
         grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
                                     allow_unused=True)
-        self.rows[i].copy_(_joint_norms([t.unsqueeze(0) for t in grads if t is not None], 1, g)[0])
+        self.rows[i].copy_(_norm_of(grads, self.norm_dtype))
         self.done[i] = True
 
     def _take_linear(self, i: int, g: Tensor) -> None:
@@ -386,22 +397,20 @@ def per_task_norms(
     if scale is not None:
         losses = [loss * scale.to(loss) for loss in losses]
         return per_task_norms(losses, shared, batched) / scale
-    num_tasks = len(losses)
-    stacked = torch.stack(list(losses))
+    num_tasks, shared = len(losses), list(shared)
     if batched:
+        stacked = torch.stack(list(losses))
         eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
         try:
             grads = torch.autograd.grad(
-                stacked, list(shared), eye, retain_graph=True, allow_unused=True,
+                stacked, shared, eye, retain_graph=True, allow_unused=True,
                 is_grads_batched=True,
             )
             return _joint_norms(grads, num_tasks, stacked)
         except RuntimeError:
             pass
-    rows = []
-    for loss in losses:
-        task_grads = torch.autograd.grad(loss, list(shared), retain_graph=True, allow_unused=True)
-        rows.append(
-            _joint_norms([g.unsqueeze(0) for g in task_grads if g is not None], 1, stacked)[0]
-        )
-    return torch.stack(rows)
+    dtype = _norm_dtype(losses[0])
+    return torch.stack([
+        _norm_of(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), dtype)
+        for loss in losses
+    ])
