@@ -61,13 +61,13 @@ def _flat_norms(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=_norm_dtype(g))
 
 
-def _norm_of(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> Tensor:
+def _norm_of(tensors: Sequence[Tensor | None], like: Tensor, dtype: torch.dtype) -> Tensor:
     """One task's norm over several gradient tensors taken together (missing ones are 0)."""
     present = [t for t in tensors if t is not None]
     if len(present) == 1:
         return torch.linalg.vector_norm(present[0], dtype=dtype)
     if not present:
-        return torch.zeros((), dtype=dtype)
+        return torch.zeros((), dtype=dtype, device=like.device)
     return torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in present]))
 
@@ -267,7 +267,7 @@ class Capture:
     def _take_vjp(self, i: int, g: Tensor) -> None:
         grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
                                     allow_unused=True)
-        self.rows[i].copy_(_norm_of(grads, self.norm_dtype))
+        self.rows[i].copy_(_norm_of(grads, g, self.norm_dtype))
         self.done[i] = True
 
     def _take_linear(self, i: int, g: Tensor) -> None:
@@ -411,6 +411,7 @@ def per_task_norms(
             pass
     dtype = _norm_dtype(losses[0])
     return torch.stack([
-        _norm_of(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), dtype)
+        _norm_of(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), loss,
+                 dtype)
         for loss in losses
     ])
