@@ -98,8 +98,9 @@ def test_matches_literal_in_float32(path):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_literal_when_the_layer_is_wider_than_the_batch(dtype):
     # batch 8 < 16 inputs of the last shared layer: norms from the batch's Gram matrix
-    # in float32, ||dW_i||^2 = <delta_i, (x x^T) delta_i> rounds differently from summing
-    # the squares of dW_i (measured up to 5e-5 relative over the 50 steps)
+    # in float32 one weight falls to ~2.5e-4 here, where the two runs' ~1e-8 rounding
+    # differences in it are 5e-5 relative, and G_i = w_i ||grad L_i|| inherits them (the
+    # weights themselves still agree to 1e-5 absolute below)
     run_both("fast", "W", torch.optim.Adam, dtype, batch=8,
              rtol=1e-4 if dtype == torch.float32 else 1e-5)
 
