@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--where", choices=("W", "h"), default="W")
     parser.add_argument("--path", choices=("fast", "general"), default="fast",
                         help="fast: heads read bal.tap(h); general: no tap (shared=h at h)")
+    parser.add_argument("--seq", type=int, default=1,
+                        help="L > 1: the 128 rows as 128/L sequences of L tokens ([B, L, 250])")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -59,7 +61,8 @@ def main() -> None:
     T = args.tasks
     torch.manual_seed(0)
     model = TrunkHeads(T)
-    x, ys = torch.randn(128, 250), [torch.randn(128, 100) for _ in range(T)]
+    rows = (128,) if args.seq == 1 else (128 // args.seq, args.seq)
+    x, ys = torch.randn(*rows, 250), [torch.randn(*rows, 100) for _ in range(T)]
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     shared = model.last_shared if args.where == "W" else None
     bals = {k: v.GradNorm(T, alpha=0.12) for k, v in versions.items()}
