@@ -159,18 +159,22 @@ def test_bad_shared_is_an_error(setup, path, shared, error, match):
     assert_refused(net, bal, losses_for(net, x, ys, feats), match, error, shared=shared)
 
 
-def test_shared_module_means_its_trainable_parameters(setup):
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_shared_module_means_its_trainable_parameters(setup, path):
     net, x, ys, bal = setup
     other = copy.deepcopy(bal)
     layer = net.trunk[-2]
+
+    def feats(b):
+        h = net.trunk(x)
+        return b.tap(h) if path == "fast" else (h,) * T
+
     for b, shared in ((bal, layer), (other, [layer.weight, layer.bias])):
-        f = b.tap(net.trunk(x))
-        b.backward(losses_for(net, x, ys, f), shared=shared)
+        b.backward(losses_for(net, x, ys, feats(b)), shared=shared)
     assert torch.equal(bal.stats["grad_norm"], other.stats["grad_norm"])
     layer.bias.requires_grad_(False)  # a frozen parameter is left out
     for b, shared in ((bal, layer), (other, [layer.weight])):
-        f = b.tap(net.trunk(x))
-        b.backward(losses_for(net, x, ys, f), shared=shared)
+        b.backward(losses_for(net, x, ys, feats(b)), shared=shared)
     assert torch.equal(bal.stats["grad_norm"], other.stats["grad_norm"])
 
 
