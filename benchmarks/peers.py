@@ -80,7 +80,11 @@ class Stepper:
         def step():
             self.opt.zero_grad()
             h = self.model.trunk(self.x)
-            torch.stack(self._losses((h,) * self.T)).sum().backward()
+            # the list stays alive through the backward, as in every balancer's step (and
+            # step_overhead.py's plain step): F.mse_loss's 0-d mean keeps the storage of the
+            # unreduced [B, out] loss, so this matters for peak memory
+            losses = self._losses((h,) * self.T)
+            torch.stack(losses).sum().backward()
             self.opt.step()
         return step
 
