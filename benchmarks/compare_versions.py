@@ -77,7 +77,9 @@ def main() -> None:
             fast = args.path == "fast"
             feats = bals[kind].tap(h) if fast else (h,) * T
             losses = [F.mse_loss(model.heads[i](feats[i]), ys[i]) for i in range(T)]
-            bals[kind].backward(losses, shared=shared if fast or shared is not None else h)
+            # without the tap, norms "at h" are norms at the tensor h itself
+            at = h if shared is None and not fast else shared
+            bals[kind].backward(losses, shared=at)
         opt.step()
 
     times: dict[str, list[float]] = {"plain": [], "old": [], "new": []}

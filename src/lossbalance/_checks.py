@@ -58,6 +58,17 @@ def check_nonnegative(name: str, value: float) -> float:
     return float(value)
 
 
+def check_int_at_least(name: str, value: object, minimum: int, *,
+                       allow_none: bool = False) -> int | None:
+    """A count that must be an int >= ``minimum`` (or None where that means "choose")."""
+    if allow_none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = "None or " if allow_none else ""
+        raise ValueError(f"{name} must be {none}an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_fraction(name: str, value: float) -> float:
     """A number in [0, 1) (exponential-moving-average decays)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:

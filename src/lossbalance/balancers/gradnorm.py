@@ -110,10 +110,8 @@ class GradNorm(Balancer):
                 f"{type(distributed).__name__}"
             )
         self.distributed = distributed
-        if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int)
-                or accumulation_steps < 1):
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        self.accumulation_steps = accumulation_steps
+        self.accumulation_steps = _checks.check_int_at_least(
+            "accumulation_steps", accumulation_steps, 1)
         self._window = Window(accumulation_steps)
         self.alpha = _checks.check_nonnegative("alpha", alpha)
         self.lr = _checks.check_positive("lr", lr)
@@ -121,9 +119,7 @@ class GradNorm(Balancer):
         if general_path not in ("loop", "batched"):
             raise ValueError(f"general_path must be 'loop' or 'batched', got {general_path!r}")
         self.general_path = general_path
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                                  or chunk < 1):
-            raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+        _checks.check_int_at_least("chunk", chunk, 1, allow_none=True)
         self._optimizer_cls = optimizer
         self._optimizer_kwargs = dict(optimizer_kwargs or {})
         if (optimizer in (torch.optim.Adam, torch.optim.AdamW)
