@@ -5,14 +5,20 @@ tensor) each micro-batch or process holds the gradient of its own samples, so th
 whole is the root of the summed squares: with L = (1/P) sum_p L_p, the gradient at the stacked
 h is (1/P) [dL_p/dh_p]_p and ||.|| = sqrt(sum_p ||dL_p/dh_p||^2) / P, exact. At parameters
 every part holds a gradient of the same tensor, and the norm of their mean needs the T
-gradients themselves; the mean (processes) or the sum of the 1/k-scaled norms (micro-batches)
-of the parts' norms is used instead: an upper bound of it, by the triangle inequality.
+gradients themselves: with ``parameter_norms="exact"`` each part keeps its T per-task
+gradients v_i at the shared parameters ([T, P], see ``_taps.per_task_vectors``), the window
+sums them (its calls backpropagate 1/k of the weighted loss, so the sum is the gradient of the
+window's mean loss) and the processes average them (one all-reduce of T x P numbers), and
+G_i = ||v_i|| of the whole, exact. With ``"mean"`` only the parts' norms travel: the mean
+(processes) or the sum of the 1/k-scaled norms (micro-batches), an upper bound of the exact
+G_i by the triangle inequality, at no memory or communication cost.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch import distributed as dist
 
@@ -22,6 +28,11 @@ def mean_over_processes(values: Tensor, group: Any) -> Tensor:
     values = values.clone()
     dist.all_reduce(values, group=group)
     return values.div_(dist.get_world_size(group))
+
+
+def row_norms(vectors: Tensor) -> Tensor:
+    """||v_i|| for each row of a [T, P] tensor."""
+    return torch.linalg.vector_norm(vectors, dim=1)
 
 
 def norms_over_processes(norms: Tensor, per_sample: bool, group: Any) -> Tensor:
@@ -35,7 +46,8 @@ def norms_over_processes(norms: Tensor, per_sample: bool, group: Any) -> Tensor:
 
 
 class Window:
-    """Sums over a gradient-accumulation window: L_i, and G_i (squares at h, plain at W)."""
+    """Sums over a gradient-accumulation window: L_i, G_i (squares at h, plain at W) and,
+    for exact norms at parameters, the per-task gradients v_i [T, P]."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -46,28 +58,46 @@ class Window:
         self.per_sample: bool | None = None
         self.values: Tensor | None = None
         self.norms: Tensor | None = None
+        self.vectors: Tensor | None = None
 
-    def check(self, per_sample: bool) -> None:
-        if self.per_sample is not None and per_sample != self.per_sample:
+    def check(self, per_sample: bool, vector_shape: tuple[int, ...] | None = None) -> None:
+        """Every call of a window measures in the same place (h or parameters) and keeps
+        per-task gradients of the same shape, or none (checked before a call changes state)."""
+        if self.per_sample is None:  # no call measured anything yet
+            return
+        if per_sample != self.per_sample:
             raise ValueError(
                 "the gradient norms of this accumulation window were measured at "
                 f"{'h' if self.per_sample else 'parameters'}; a call in the same window "
                 "cannot measure them elsewhere"
             )
+        before = None if self.vectors is None else tuple(self.vectors.shape)
+        if vector_shape != before:
+            raise ValueError(
+                "the shared tensors changed within an accumulation window (per-task gradients "
+                f"of shape {before} before, {vector_shape} now): pass the same shared= to "
+                "every call of a window"
+            )
 
-    def add(self, values: Tensor, norms: Tensor, per_sample: bool, finite: bool
-            ) -> tuple[Tensor, Tensor, bool] | None:
-        """Add one call; at the window's last call return (mean L, G, finite) and reset."""
+    def add(self, values: Tensor, norms: Tensor, per_sample: bool, finite: bool,
+            vectors: Tensor | None = None
+            ) -> tuple[Tensor, Tensor, bool, Tensor | None] | None:
+        """Add one call; at the window's last call return (mean L, G, finite, summed v) and
+        reset. G is the combination of the calls' norms (exact at h; at parameters the sum,
+        which the caller replaces by the norms of the summed v when it kept them)."""
         part = norms.square() if per_sample else norms
         self.values = values.clone() if self.values is None else self.values + values
         self.norms = part.clone() if self.norms is None else self.norms + part
+        if vectors is not None:
+            self.vectors = (vectors.clone() if self.vectors is None
+                            else self.vectors.add_(vectors))
         self.count += 1
         self.finite &= finite
         self.per_sample = per_sample
         if self.count < self.size:
             return None
         out = (self.values / self.size,
-               self.norms.sqrt() if per_sample else self.norms, self.finite)
+               self.norms.sqrt() if per_sample else self.norms, self.finite, self.vectors)
         self.reset()
         return out
 
@@ -80,9 +110,10 @@ class Window:
 
     def state(self) -> dict[str, Any]:
         return {"count": self.count, "finite": self.finite, "per_sample": self.per_sample,
-                "values": self.values, "norms": self.norms}
+                "values": self.values, "norms": self.norms, "vectors": self.vectors}
 
     def load(self, state: dict[str, Any]) -> None:
         self.count, self.finite = state["count"], state["finite"]
         self.per_sample, self.values, self.norms = (
             state["per_sample"], state["values"], state["norms"])
+        self.vectors = state.get("vectors")

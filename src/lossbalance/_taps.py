@@ -203,7 +203,10 @@ class Capture:
 
     def begin(self, h: Tensor, shared: Sequence[Tensor],
               pattern: tuple[list, Tensor, dict] | None,
-              consumers: list[list[tuple[object, int]]]) -> None:
+              consumers: list[list[tuple[object, int]]], vectors: bool = False) -> None:
+        """Hook this step's consumer nodes. ``vectors``: also keep each task's gradient at
+        the shared parameters, as row i of ``self.vectors`` [T, P] (see ``per_task_vectors``
+        for the layout), for the exact combination over micro-batches or processes."""
         num_tasks = len(consumers)
         self.h, self.shared, self.pattern = h, list(shared), pattern
         self.norm_dtype = _norm_dtype(h)
@@ -213,6 +216,9 @@ class Capture:
         self.mode = "h" if not self.shared else ("linear" if pattern is not None else "vjp")
         self._take = {"h": self._take_h, "vjp": self._take_vjp,
                       "linear": self._take_linear}[self.mode]
+        if vectors and self.mode != "h":
+            size = sum(p.numel() for p in self.shared)
+            self.vectors = self.workspace.get("vectors", (num_tasks, size), h, self.norm_dtype)
         if self.mode == "linear":
             self._begin_linear(h, num_tasks)
         hooks = self._hooks
@@ -241,7 +247,8 @@ class Capture:
                     jac = node(jac)
             self.jac = jac
         batch, fan_in = x.shape
-        if len(self.shared) == 1 and roles[id(self.shared[0])] == "weight" and batch >= fan_in:
+        if (len(self.shared) == 1 and roles[id(self.shared[0])] == "weight" and batch >= fan_in
+                and self.vectors is None):
             self.dw = self.workspace.get("dw", (self.chunk, h.shape[-1], fan_in), h)
 
     def _make_hook(self, i: int, k: int, single: bool):
@@ -267,7 +274,12 @@ class Capture:
     def _take_vjp(self, i: int, g: Tensor) -> None:
         grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
                                     allow_unused=True)
-        self.rows[i].copy_(_norm_of(grads, g, self.norm_dtype))
+        if self.vectors is None:
+            self.rows[i].copy_(_norm_of(grads, g, self.norm_dtype))
+        else:
+            row = self.vectors[i]
+            row.copy_(flat_rows(grads, self.shared, None, self.norm_dtype))
+            torch.linalg.vector_norm(row, out=self.rows[i])
         self.done[i] = True
 
     def _take_linear(self, i: int, g: Tensor) -> None:
@@ -290,7 +302,12 @@ class Capture:
             return
         delta = self.delta_rows if n == self.chunk else self.delta_rows[:n]
         rows = self.out[self.pos:self.pos + n]
-        if self.dw is not None:  # one weight, no wider than the batch: the usual case
+        if self.vectors is not None:  # keep dW_i (and db_i) themselves, as rows i
+            flat = self._chunk_vectors(delta)
+            torch.linalg.vector_norm(flat, dim=1, dtype=self.norm_dtype, out=rows)
+            index = torch.tensor(self.filled, device=flat.device)
+            self.vectors.index_copy_(0, index, flat.to(self.vectors.dtype))
+        elif self.dw is not None:  # one weight, no wider than the batch: the usual case
             dw = self.dw if n == self.chunk else self.dw[:n]
             torch.matmul(delta.transpose(1, 2), self.x, out=dw)  # dW_i = delta_i^T x
             torch.linalg.vector_norm(dw.view(n, -1), dim=1, dtype=self.norm_dtype, out=rows)
@@ -301,6 +318,17 @@ class Capture:
         for i in self.filled:
             self.done[i] = True
         self.filled.clear()
+
+    def _chunk_vectors(self, delta: Tensor) -> Tensor:
+        """[n, P]: dW_i = delta_i^T x and db_i = sum_b delta_i, flattened in ``shared``'s order."""
+        _, x, roles = self.pattern  # type: ignore[misc]
+        n = delta.shape[0]
+        parts = [
+            torch.matmul(delta.transpose(1, 2), x).reshape(n, -1)
+            if roles[id(p)] == "weight" else delta.sum(dim=1)
+            for p in self.shared
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _chunk_norms(self, delta: Tensor) -> Tensor:
         """||dW_i||, ||db_i|| (jointly) from delta_i, for any mix of weight and bias."""
@@ -358,7 +386,7 @@ class Capture:
         """
         self.active = False
         self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
-        self.x = self.relu_out = self.dw = None
+        self.x = self.relu_out = self.dw = self.vectors = None
         self.shared, self.done, self.slots, self.rows = [], [], (), ()
         self.delta = self.delta_rows = None
         self.mode, self._take = "h", self._take_h
@@ -381,6 +409,19 @@ def _norm_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _batched_grads(losses: Sequence[Tensor], shared: list[Tensor]
+                   ) -> tuple[Tensor | None, ...] | None:
+    """dL_i/d(shared) for all tasks from one vmapped ``autograd.grad`` (identity cotangents),
+    each [T, *shape]; None when an operator has no batching rule."""
+    stacked = torch.stack(list(losses))
+    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    try:
+        return torch.autograd.grad(stacked, shared, eye, retain_graph=True, allow_unused=True,
+                                   is_grads_batched=True)
+    except RuntimeError:
+        return None
+
+
 def per_task_norms(
     losses: Sequence[Tensor], shared: Sequence[Tensor], batched: bool = False,
     scale: Tensor | None = None,
@@ -397,21 +438,53 @@ def per_task_norms(
     if scale is not None:
         losses = [loss * scale.to(loss) for loss in losses]
         return per_task_norms(losses, shared, batched) / scale
-    num_tasks, shared = len(losses), list(shared)
-    if batched:
-        stacked = torch.stack(list(losses))
-        eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
-        try:
-            grads = torch.autograd.grad(
-                stacked, shared, eye, retain_graph=True, allow_unused=True,
-                is_grads_batched=True,
-            )
-            return _joint_norms(grads, num_tasks, stacked)
-        except RuntimeError:
-            pass
+    shared = list(shared)
+    grads = _batched_grads(losses, shared) if batched else None
+    if grads is not None:
+        return _joint_norms(grads, len(losses), losses[0])
     dtype = _norm_dtype(losses[0])
     return torch.stack([
         _norm_of(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), loss,
                  dtype)
         for loss in losses
     ])
+
+
+def per_task_vectors(
+    losses: Sequence[Tensor], shared: Sequence[Tensor], batched: bool = False,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """The per-task gradients dL_i/d(shared) themselves, as rows of a [T, P] tensor.
+
+    Row i is the concatenation of dL_i/dp flattened for each p of ``shared`` in order (P =
+    sum of their sizes; zeros where L_i does not reach p), in float32 or wider: what the
+    exact combination of norms over micro-batches or processes sums (see
+    ``lossbalance._combine``). Batched or looped as :func:`per_task_norms`, with its
+    ``scale``.
+    """
+    if scale is not None:
+        losses = [loss * scale.to(loss) for loss in losses]
+        return per_task_vectors(losses, shared, batched).div_(scale)
+    shared = list(shared)
+    dtype = _norm_dtype(losses[0])
+    grads = _batched_grads(losses, shared) if batched else None
+    if grads is not None:
+        return flat_rows(grads, shared, len(losses), dtype)
+    return torch.stack([
+        flat_rows(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True),
+                  shared, None, dtype)
+        for loss in losses
+    ])
+
+
+def flat_rows(grads: Sequence[Tensor | None], shared: Sequence[Tensor], rows: int | None,
+              dtype: torch.dtype) -> Tensor:
+    """Gradients of ``shared`` (each [rows, *p.shape], or p.shape when ``rows`` is None)
+    flattened and concatenated along the last dimension; a missing one is zeros."""
+    lead = () if rows is None else (rows,)
+    parts = [
+        torch.zeros((*lead, p.numel()), dtype=dtype, device=p.device) if g is None
+        else g.reshape(*lead, -1).to(dtype)
+        for g, p in zip(grads, shared, strict=True)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

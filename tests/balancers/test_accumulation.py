@@ -60,10 +60,97 @@ def test_norms_at_h_match_the_whole_batch(path, micro):
     assert int(bal.num_steps) == 12
 
 
-@pytest.mark.parametrize("path", ["fast", "general"])
-def test_norms_at_a_parameter_sum_the_micro_batches(path):
+def shared_of(net, which):
+    """The shared parameters of each case: one weight (the batched nn.Linear shortcut), its
+    weight and bias, or every trunk parameter (one vector-Jacobian product a task)."""
+    layer = net.trunk[-2]
+    return {"W": [layer.weight], "Wb": [layer.weight, layer.bias],
+            "trunk": list(net.trunk.parameters())}[which]
+
+
+def train_at(net, bal, x, ys, path, which, micro, windows=12):
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    trace, norms = [], []
+    for _ in range(windows):
+        opt.zero_grad()
+        for m in range(micro):
+            rows = slice(m * BATCH // micro, (m + 1) * BATCH // micro)
+            h = net.trunk(x[rows])
+            feats = bal.tap(h) if path == "fast" else (h,) * T
+            losses = [F.mse_loss(net.heads[i](feats[i]), ys[i][rows]) for i in range(T)]
+            bal.backward(losses, shared=shared_of(net, which))
+        opt.step()
+        trace.append(bal.weights)
+        norms.append(bal.stats["grad_norm"])
+    return torch.stack(trace), torch.stack(norms)
+
+
+@pytest.mark.parametrize("path", ["fast", "general", "batched"])
+@pytest.mark.parametrize("which", ["W", "Wb", "trunk"])
+@pytest.mark.parametrize("micro", [2, 4])
+def test_exact_norms_at_parameters_match_the_whole_batch(path, which, micro):
+    # G_i = || sum over the window of grad_W (w_i L_i / k) ||: one process on the whole batch
+    net, x, ys = problem()
+    whole_net, acc_net = copy.deepcopy(net), copy.deepcopy(net)
+    kind = "batched" if path == "batched" else "loop"
+    path = "general" if path == "batched" else path
+    whole = train_at(whole_net, lb.GradNorm(T, general_path=kind).double(), x, ys, path, which,
+                     1)
+    bal = lb.GradNorm(T, accumulation_steps=micro, general_path=kind).double()
+    acc = train_at(acc_net, bal, x, ys, path, which, micro)
+    torch.testing.assert_close(acc[1], whole[1], rtol=1e-10, atol=1e-12)  # G_i
+    torch.testing.assert_close(acc[0], whole[0], rtol=1e-10, atol=1e-10)  # weights
+    for p, q in zip(acc_net.parameters(), whole_net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_exact_norms_in_float32_match_the_whole_batch():
+    net, x, ys = problem()
+    net, x, ys = net.float(), x.float(), [y.float() for y in ys]
+    whole = train_at(copy.deepcopy(net), lb.GradNorm(T), x, ys, "fast", "Wb", 1)
+    acc = train_at(copy.deepcopy(net), lb.GradNorm(T, accumulation_steps=2), x, ys, "fast",
+                   "Wb", 2)
+    torch.testing.assert_close(acc[1], whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc[0], whole[0], rtol=1e-5, atol=1e-5)
+
+
+def test_exact_and_mean_norms_differ_by_the_triangle_inequality():
+    # the micro-batches' gradients point different ways: the sum of their norms is larger
+    net, x, ys = problem()
+    exact = train_at(copy.deepcopy(net), lb.GradNorm(T, accumulation_steps=4).double(), x, ys,
+                     "fast", "W", 4, windows=1)[1]
+    mean = train_at(copy.deepcopy(net),
+                    lb.GradNorm(T, accumulation_steps=4, parameter_norms="mean").double(),
+                    x, ys, "fast", "W", 4, windows=1)[1]
+    assert (mean > exact * (1 + 1e-6)).all()
+
+
+def test_changing_the_shared_parameters_inside_a_window_is_an_error():
     net, x, ys = problem()
     bal = lb.GradNorm(T, accumulation_steps=2).double()
+    def losses():
+        feats = bal.tap(net.trunk(x))
+        return [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(T)]
+
+    bal.backward(losses(), shared=shared_of(net, "W"))  # the first half of a window
+    weights, grads = bal.weights, [p.grad.clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match="shared tensors changed within an accumulation"):
+        bal.backward(losses(), shared=shared_of(net, "Wb"))
+    assert torch.equal(bal.weights, weights)
+    for p, g in zip(net.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("bad", ["sum", None, "EXACT"])
+def test_bad_parameter_norms(bad):
+    with pytest.raises(ValueError, match="parameter_norms must be"):
+        lb.GradNorm(T, parameter_norms=bad)
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_mean_norms_at_a_parameter_sum_the_micro_batches(path):
+    net, x, ys = problem()
+    bal = lb.GradNorm(T, accumulation_steps=2, parameter_norms="mean").double()
     w = bal.weights
     halves = [slice(0, BATCH // 2), slice(BATCH // 2, BATCH)]
     expected = 0

@@ -37,18 +37,34 @@ def data():
 
 
 def train(model, bal, x, ys, where, steps=STEPS):
-    """The trace of the weights; ``model`` may be DDP-wrapped (then x, ys are a shard)."""
+    """The trace of the weights and G_i, and the final parameters; ``model`` may be
+    DDP-wrapped (then x, ys are a shard). ``bal.accumulation_steps`` micro-batches a step."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    trace = []
+    micro = bal.accumulation_steps
+    shared = {"h": None, "W": inner.trunk[-2].weight, "Wb": inner.trunk[-2]}[where]
+    trace, norms = [], []
     for _ in range(steps):
         opt.zero_grad()
-        outs = model(x, bal)
-        losses = [F.mse_loss(outs[i], ys[i]) for i in range(T)]
-        bal.backward(losses, shared=inner.trunk[-2].weight if where == "W" else None)
+        for m in range(micro):
+            rows = slice(m * len(x) // micro, (m + 1) * len(x) // micro)
+            outs = model(x[rows], bal)
+            bal.backward([F.mse_loss(outs[i], ys[i][rows]) for i in range(T)], shared=shared)
         opt.step()
         trace.append(bal.weights)
-    return torch.stack(trace), [p.detach().clone() for p in inner.parameters()]
+        norms.append(bal.stats["grad_norm"])
+    return (torch.stack(trace), [p.detach().clone() for p in inner.parameters()],
+            torch.stack(norms))
+
+
+# the balancers each process trains with: name -> (where, GradNorm keyword arguments)
+CASES = {
+    "h": ("h", {}),
+    "W": ("W", {}),
+    "Wb-general": ("Wb", {}),
+    "W-accumulated": ("W", {"accumulation_steps": 2}),
+    "W-mean": ("W", {"parameter_norms": "mean"}),
+}
 
 
 def worker(rank, world, store, model, out):
@@ -58,10 +74,12 @@ def worker(rank, world, store, model, out):
         x, ys = data()
         shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         results = {}
-        for where in ("h", "W"):
+        for name, (where, kwargs) in CASES.items():
             ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
-            bal = lb.GradNorm(T, alpha=1.5, distributed=True)
-            results[where] = train(ddp, bal, x[shard], [y[shard] for y in ys], where)
+            bal = lb.GradNorm(T, alpha=1.5, distributed=True, **kwargs)
+            if name.endswith("general"):
+                bal.tap = lambda h: (h,) * T  # no tap: the general path
+            results[name] = train(ddp, bal, x[shard], [y[shard] for y in ys], where)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -78,19 +96,31 @@ def two_processes(tmp_path_factory):
 
 def test_every_process_holds_the_same_weights(two_processes):
     _, (rank0, rank1) = two_processes
-    for where in ("h", "W"):
-        assert torch.equal(rank0[where][0], rank1[where][0]), where
-        assert not torch.allclose(rank0[where][0][-1], torch.ones(T))  # they did move
+    for name in CASES:
+        assert torch.equal(rank0[name][0], rank1[name][0]), name
+        assert not torch.allclose(rank0[name][0][-1], torch.ones(T))  # they did move
 
 
-def test_norms_at_h_match_one_process_on_the_whole_batch(two_processes):
-    # L_i = the mean of the two shards' losses = the whole batch's; G_i at h is exact
+@pytest.mark.parametrize("name", ["h", "W", "Wb-general", "W-accumulated"])
+def test_norms_match_one_process_on_the_whole_batch(two_processes, name):
+    # L_i = the mean of the two shards' losses = the whole batch's; G_i is exact at h (from
+    # the norms) and at parameters (from the averaged per-task gradients)
     model, (rank0, _) = two_processes
     x, ys = data()
-    weights, params = train(copy.deepcopy(model), lb.GradNorm(T, alpha=1.5), x, ys, "h")
-    torch.testing.assert_close(rank0["h"][0], weights, rtol=1e-5, atol=1e-5)
-    for p, q in zip(rank0["h"][1], params, strict=True):
+    where = CASES[name][0]
+    weights, params, norms = train(copy.deepcopy(model), lb.GradNorm(T, alpha=1.5), x, ys,
+                                   where)
+    torch.testing.assert_close(rank0[name][2], norms, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rank0[name][0], weights, rtol=1e-5, atol=1e-5)
+    for p, q in zip(rank0[name][1], params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_norms_at_parameters_bound_the_exact_ones(two_processes):
+    # first step, same weights: mean_p ||g_i,p|| >= ||mean_p g_i,p|| (triangle inequality)
+    _, (rank0, _) = two_processes
+    exact, mean = rank0["W"][2][0], rank0["W-mean"][2][0]
+    assert (mean > exact * (1 + 1e-6)).all()
 
 
 def test_distributed_needs_an_initialised_process_group():

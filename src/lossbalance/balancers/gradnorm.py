@@ -31,8 +31,8 @@ from torch import distributed as dist
 
 from .. import _checks, _graph
 from .._adam import plain_adam_step
-from .._combine import Window, mean_over_processes, norms_over_processes
-from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms
+from .._combine import Window, mean_over_processes, norms_over_processes, row_norms
+from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms, per_task_vectors
 from .base import Balancer, SharedLike, _set
 
 
@@ -69,18 +69,25 @@ class GradNorm(Balancer):
         on_nonfinite: "raise" (default) or "skip" for non-finite losses or gradient norms.
         distributed: for data-parallel training (DDP), True (the default process group) or a
             process group: every process then holds the same weights. Each step all-reduces
-            the T losses (L_i is the mean over processes, as DDP's gradient is) and the T
-            norms: at the tapped h, or at any non-leaf tensors, G_i = sqrt(sum_p G_i,p^2) / P
-            (exact: each process holds its own samples' gradient at h, scaled by 1/P); at
-            parameters G_i = mean_p G_i,p, an approximation of the norm of the averaged
-            gradient (exact would all-reduce T gradients of the size of W).
+            the T losses (L_i is the mean over processes, as DDP's gradient is) and what G_i
+            needs: at the tapped h, or at any non-leaf tensors, the T norms, G_i =
+            sqrt(sum_p G_i,p^2) / P (exact: each process holds its own samples' gradient at
+            h, scaled by 1/P); at parameters see ``parameter_norms``.
         accumulation_steps: k micro-batches per optimizer step. Each ``backward`` call then
             backpropagates (1/k) sum_i w_i L_i (after k calls ``.grad`` holds the gradient of
             the window's mean weighted loss) and returns that total; the weights stay fixed
             within the window, and the k-th call takes one GradNorm step with L_i the
-            window's mean and G_i combined as for ``distributed``: exact at h (root of the
-            summed squares), the sum of the calls' G_i at parameters (the mean of the
-            micro-batches' norms of grad w_i L_i, an upper bound of the norm of their mean).
+            window's mean and G_i that of the window's mean loss: at h exact from the calls'
+            norms (root of the summed squares); at parameters see ``parameter_norms``.
+        parameter_norms: how G_i at shared parameters combines over an accumulation
+            window's micro-batches and over processes (nothing changes without either):
+            "exact" (default) keeps each task's gradient there, T x |shared| numbers
+            (float32 or wider), sums them over the window and averages them over the
+            processes (one all-reduce of T x |shared| numbers a step, or a window), then
+            takes the norms: the G_i of one process on the whole batch. "mean" combines the
+            norms alone (the mean over processes, the sum of the 1/k-scaled norms over a
+            window): an upper bound of the exact G_i (triangle inequality), no extra memory
+            or communication.
 
     ``stats`` after a step: ``grad_norm`` (G_i), ``target`` (target_i), ``loss_ratio``
     (L~_i), ``inverse_rate`` (r_i), ``gradnorm_loss`` (L_grad) and ``weight`` (w used).
@@ -102,6 +109,7 @@ class GradNorm(Balancer):
         on_nonfinite: str = "raise",
         distributed: bool | Any = False,
         accumulation_steps: int = 1,
+        parameter_norms: str = "exact",
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
         if not (isinstance(distributed, bool) or _is_process_group(distributed)):
@@ -113,6 +121,10 @@ class GradNorm(Balancer):
         self.accumulation_steps = _checks.check_int_at_least(
             "accumulation_steps", accumulation_steps, 1)
         self._window = Window(accumulation_steps)
+        if parameter_norms not in ("exact", "mean"):
+            raise ValueError(
+                f"parameter_norms must be 'exact' or 'mean', got {parameter_norms!r}")
+        self.parameter_norms = parameter_norms
         self.alpha = _checks.check_nonnegative("alpha", alpha)
         self.lr = _checks.check_positive("lr", lr)
         self.min_weight = _checks.check_positive("min_weight", min_weight)
@@ -293,8 +305,12 @@ class GradNorm(Balancer):
         per_sample = (not shared_list) if tap is not None else all(
             not t.is_leaf for t in shared_list)
         k = self.accumulation_steps
+        # exact G_i at parameters over micro-batches or processes: keep the per-task gradients
+        keep = (self.parameter_norms == "exact" and (k > 1 or self.distributed is not False)
+                and not per_sample and all(t.is_leaf for t in shared_list))
         if k > 1:
-            self._window.check(per_sample)
+            self._window.check(per_sample, (self.num_tasks, sum(t.numel() for t in shared_list))
+                               if keep else None)
         weights = self._buffers["task_weights"]
         w = weights.clone()  # the weights of this step (the buffer changes below)
         w_back = w if k == 1 else w / k  # a window's calls each backpropagate 1/k of it
@@ -302,25 +318,29 @@ class GradNorm(Balancer):
         scale = None if self._scaler is None else self._scaler.scale(values.new_ones(()))
         if tap is not None:
             capture = self._capture
-            capture.begin(tap.h, shared_list, pattern, consumers)
+            capture.begin(tap.h, shared_list, pattern, consumers, vectors=keep)
             try:
                 total = self._weighted_backward(stacked, w_back)
                 grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
+                vectors = capture.vectors  # grad_W (w_i L_i) when kept, else None
             finally:
                 capture.end()
             if scale is not None:
                 grad_norm_w = grad_norm_w / scale.to(grad_norm_w)
-            if self.distributed is not False:
-                grad_norm_w = norms_over_processes(grad_norm_w, per_sample, self._group())
+                vectors = None if vectors is None else vectors / scale.to(vectors)
+            grad_norm_w, vectors = self._over_processes(grad_norm_w, vectors, per_sample)
             finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         else:
             batched = self.general_path == "batched"
-            grad_norm = per_task_norms(losses, shared_list, batched, scale)
+            measure = per_task_vectors if keep else per_task_norms
+            grads = measure(losses, shared_list, batched, scale)
+            grad_norm = row_norms(grads) if keep else grads
             if batched and _checks.first_nonfinite(grad_norm) is not None:
-                grad_norm = per_task_norms(losses, shared_list, False, scale)  # the right task
+                grads = measure(losses, shared_list, False, scale)  # the right task
+                grad_norm = row_norms(grads) if keep else grads
             grad_norm_w = w_back.to(grad_norm) * grad_norm
-            if self.distributed is not False:
-                grad_norm_w = norms_over_processes(grad_norm_w, per_sample, self._group())
+            vectors = grads.mul_(w_back.to(grads)[:, None]) if keep else None
+            grad_norm_w, vectors = self._over_processes(grad_norm_w, vectors, per_sample)
             finite = self._check_finite_norms(grad_norm_w, before_backward=True)
             if finite or scale is not None:
                 # on an overflow of scaled gradients the backward still runs, so that the
@@ -329,11 +349,16 @@ class GradNorm(Balancer):
             else:
                 total = values @ w_back.to(values)
         if k > 1:  # one weights' update a window, from the window's L_i and G_i
-            window = self._window.add(values, grad_norm_w, per_sample, finite)
+            window = self._window.add(values, grad_norm_w, per_sample, finite, vectors)
             if window is None:
                 return total
-            values, grad_norm_w, finite = window
+            values, grad_norm_w, finite, vectors = window
             _set(self, "last_step_skipped", not finite)
+            if vectors is not None and finite:  # G_i of the window's summed gradients
+                if self.distributed is not False:
+                    vectors = mean_over_processes(vectors, self._group())
+                grad_norm_w = row_norms(vectors)
+                finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         if not finite:
             return total
         grad_norm = grad_norm_w / w.to(grad_norm_w)  # ||grad_W L_i||
@@ -363,6 +388,22 @@ class GradNorm(Balancer):
             "gradnorm_loss": gap.abs().sum(),
         })
         return total
+
+    def _over_processes(self, grad_norm_w: Tensor, vectors: Tensor | None, per_sample: bool
+                        ) -> tuple[Tensor, Tensor | None]:
+        """G_i (and the kept per-task gradients) over the processes, see ``_combine``.
+
+        Kept gradients are averaged here when each call makes an update; in an accumulation
+        window the processes average the window's sums once, at its end, and each call
+        all-reduces its T norms only, so that every process agrees on a non-finite one.
+        """
+        if self.distributed is False:
+            return grad_norm_w, vectors
+        group = self._group()
+        if vectors is not None and self.accumulation_steps == 1:
+            vectors = mean_over_processes(vectors, group)
+            return row_norms(vectors), vectors
+        return norms_over_processes(grad_norm_w, per_sample, group), vectors
 
     def _update_weights(self, p: Tensor, dweights: Tensor) -> None:
         """One step of the weights' optimizer with gradient ``dweights``."""
