@@ -1,6 +1,6 @@
 """Markdown tables for the README from the benchmarks' CSV files, so no number is copied by hand.
 
-    python benchmarks/tables.py            # reads benchmarks/results/{step_overhead,peers}.csv
+    python benchmarks/tables.py   # reads benchmarks/results/{step_overhead,peers,window_norms}.csv
 """
 
 from __future__ import annotations
@@ -66,12 +66,26 @@ def peers_tables(rows: list[dict[str, str]]) -> str:
     return "\n".join(out)
 
 
+def window_norms_table(rows: list[dict[str, str]]) -> str:
+    lines = [
+        "| T | micro-batches | parameter_norms | plain step (ms) | time ratio | peak memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tasks']} | {r['micro']} | {r['method']} | {float(r['plain_ms']):.2f} | "
+            f"{float(r['time_ratio']):.2f} | {float(r['peak_mem_ratio']):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="benchmarks/results")
     args = parser.parse_args()
     results = Path(args.results)
-    for name, render in (("step_overhead", step_overhead_table), ("peers", peers_tables)):
+    for name, render in (("step_overhead", step_overhead_table), ("peers", peers_tables),
+                         ("window_norms", window_norms_table)):
         path = results / f"{name}.csv"
         if path.exists():
             rows = read(path)

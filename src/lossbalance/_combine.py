@@ -23,9 +23,10 @@ from torch import Tensor
 from torch import distributed as dist
 
 
-def mean_over_processes(values: Tensor, group: Any) -> Tensor:
-    """The mean of ``values`` over the processes of ``group`` (one all-reduce)."""
-    values = values.clone()
+def mean_over_processes(values: Tensor, group: Any, *, in_place: bool = False) -> Tensor:
+    """The mean of ``values`` over the processes of ``group`` (one all-reduce); ``in_place``
+    overwrites ``values`` (a scratch tensor) instead of a copy."""
+    values = values if in_place else values.clone()
     dist.all_reduce(values, group=group)
     return values.div_(dist.get_world_size(group))
 

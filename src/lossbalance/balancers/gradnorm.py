@@ -84,10 +84,11 @@ class GradNorm(Balancer):
             "exact" (default) keeps each task's gradient there, T x |shared| numbers
             (float32 or wider), sums them over the window and averages them over the
             processes (one all-reduce of T x |shared| numbers a step, or a window), then
-            takes the norms: the G_i of one process on the whole batch. "mean" combines the
-            norms alone (the mean over processes, the sum of the 1/k-scaled norms over a
-            window): an upper bound of the exact G_i (triangle inequality), no extra memory
-            or communication.
+            takes the norms: the G_i of one process on the whole batch, for at most
+            2 x T x |shared| numbers of extra memory (the window's sum and one call's).
+            "mean" combines the norms alone (the mean over processes, the sum of the
+            1/k-scaled norms over a window): an upper bound of the exact G_i (triangle
+            inequality), no extra memory or communication.
 
     ``stats`` after a step: ``grad_norm`` (G_i), ``target`` (target_i), ``loss_ratio``
     (L~_i), ``inverse_rate`` (r_i), ``gradnorm_loss`` (L_grad) and ``weight`` (w used).
@@ -356,7 +357,7 @@ class GradNorm(Balancer):
             _set(self, "last_step_skipped", not finite)
             if vectors is not None and finite:  # G_i of the window's summed gradients
                 if self.distributed is not False:
-                    vectors = mean_over_processes(vectors, self._group())
+                    vectors = mean_over_processes(vectors, self._group(), in_place=True)
                 grad_norm_w = row_norms(vectors)
                 finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         if not finite:
@@ -401,7 +402,7 @@ class GradNorm(Balancer):
             return grad_norm_w, vectors
         group = self._group()
         if vectors is not None and self.accumulation_steps == 1:
-            vectors = mean_over_processes(vectors, group)
+            vectors = mean_over_processes(vectors, group, in_place=True)  # this step's own
             return row_norms(vectors), vectors
         return norms_over_processes(grad_norm_w, per_sample, group), vectors
 
