@@ -109,6 +109,13 @@ class Window:
         if self.count >= self.size:
             self.reset()
 
+    def apply(self, fn: Any) -> None:
+        """Map the window's tensors with ``fn`` (the balancer's ``.to()``, ``.double()``...)."""
+        for name in ("values", "norms", "vectors"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, fn(value))
+
     def state(self) -> dict[str, Any]:
         return {"count": self.count, "finite": self.finite, "per_sample": self.per_sample,
                 "values": self.values, "norms": self.norms, "vectors": self.vectors}

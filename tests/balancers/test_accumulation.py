@@ -211,3 +211,16 @@ def test_a_skipped_call_still_counts_in_its_window():
     for rows in (slice(0, 16), slice(16, 32)):  # the next window is whole again
         step(net, bal, x[rows], [y[rows] for y in ys], "fast", "W")
     assert not bal.last_step_skipped and int(bal.num_steps) == 1
+
+
+def test_a_window_in_progress_moves_with_the_balancer():
+    # .double() inside a window: the window's sums follow (on a GPU, .to(device) moves them
+    # as it moves the weights), and the window closes with one update
+    net, x, ys = problem()
+    bal = lb.GradNorm(T, accumulation_steps=2)
+    step(net.float(), bal, x[:16].float(), [y[:16].float() for y in ys], "fast", "W")
+    bal.double()
+    window = bal._window
+    assert window.values.dtype == window.norms.dtype == window.vectors.dtype == torch.float64
+    step(net.double(), bal, x[16:], [y[16:] for y in ys], "fast", "W")
+    assert int(bal.num_steps) == 1 and bal.weights.dtype == torch.float64

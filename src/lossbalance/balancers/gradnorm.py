@@ -475,6 +475,7 @@ class GradNorm(Balancer):
         """
         saved = self._optimizer.state_dict()
         super()._apply(fn, recurse)
+        self._window.apply(fn)  # a window in progress moves with the weights
         self._optimizer.param_groups[0]["params"] = [self._buffers["task_weights"]]
         self._optimizer.state.clear()
         self._optimizer.load_state_dict(saved)  # casts the state to the weights' dtype/device
