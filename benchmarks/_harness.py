@@ -107,6 +107,18 @@ def peak_memory(factory: Callable[[], Callable[[], None]], device: torch.device,
     return peak
 
 
+class Rows:
+    """A benchmark's result rows (dicts), each printed as it comes, ``|``-separated."""
+
+    def __init__(self, header: tuple[str, ...]) -> None:
+        self.header, self.rows = header, []
+        print(" | ".join(header))
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(" | ".join(str(row[k]) for k in self.header), flush=True)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rows (dicts with the same keys) as a CSV file, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
+from _harness import Rows, TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
 
 import lossbalance as lb
 
@@ -309,19 +309,16 @@ def main() -> None:
         print(f"{impl:>22}: {agree[impl]:.3g}", flush=True)
     header = ("trunk", "norms_at", "tasks", "impl", "plain_ms", "time_ratio", "ratio_p25",
               "ratio_p75", "peak_mem_ratio")
-    print(" | ".join(header))
-    rows = []
+    rows = Rows(header)
     for trunk in args.trunks.split(","):
         for where in args.where.split(","):
             for T in [int(t) for t in args.tasks.split(",")]:
                 for impl in impls:
-                    row = measure(impl, T, trunk, where, args, device)
-                    rows.append(row)
-                    print(" | ".join(str(row[k]) for k in header), flush=True)
+                    rows.add(measure(impl, T, trunk, where, args, device))
     out = Path(args.out)
     write_csv(out.with_suffix(".csv"),
-              [{**row, "agreement": agree[row["impl"]], "machine": machine} for row in rows])
-    plot(rows, out.with_suffix(".png"), machine)
+              [{**row, "agreement": agree[row["impl"]], "machine": machine} for row in rows.rows])
+    plot(rows.rows, out.with_suffix(".png"), machine)
     print(f"# wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
 
 

@@ -32,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
+from _harness import Rows, TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
 
 import lossbalance as lb
 
@@ -144,15 +144,12 @@ def main() -> None:
     print(f"# lossbalance step overhead on {machine}, torch {torch.__version__}")
     header = ("tasks", "method", "plain_ms", "time_ratio", "ratio_p25", "ratio_p75",
               "peak_mem_ratio", "plain_peak_mb")
-    print(" | ".join(header))
-    rows = []
+    rows = Rows(header)
     for T in [int(t) for t in args.tasks.split(",")]:
         for method in args.methods.split(","):
-            row = measure(T, method, args, device)
-            rows.append(row)
-            print(" | ".join(str(row[k]) for k in header), flush=True)
+            rows.add(measure(T, method, args, device))
     out = Path(args.csv)
-    write_csv(out, [{**row, "machine": machine} for row in rows])
+    write_csv(out, [{**row, "machine": machine} for row in rows.rows])
     print(f"# wrote {out}")
 
 

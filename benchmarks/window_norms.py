@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
+from _harness import Rows, TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
 
 import lossbalance as lb
 
@@ -75,8 +75,7 @@ def main() -> None:
     print(f"# exact vs mean norms at W under accumulation on {machine}, torch "
           f"{torch.__version__}")
     header = ("tasks", "micro", "method", "plain_ms", "time_ratio", "peak_mem_ratio")
-    print(" | ".join(header))
-    rows = []
+    rows = Rows(header)
     for T in [int(t) for t in args.tasks.split(",")]:
         for micro in [int(k) for k in args.micro.split(",")]:
             plain = build("plain", T, micro, args.batch)
@@ -88,14 +87,12 @@ def main() -> None:
                     other()
                 timing = interleaved_ratio(plain, other, args.reps, args.steps, cpu)
                 mem = peak_memory(partial(build, method, T, micro, args.batch), cpu)
-                row = {"tasks": T, "micro": micro, "method": method,
-                       "plain_ms": round(timing["base_ms"], 3),
-                       "time_ratio": round(timing["ratio"], 3),
-                       "peak_mem_ratio": round(mem / mem_plain, 3)}
-                rows.append(row)
-                print(" | ".join(str(row[k]) for k in header), flush=True)
+                rows.add({"tasks": T, "micro": micro, "method": method,
+                          "plain_ms": round(timing["base_ms"], 3),
+                          "time_ratio": round(timing["ratio"], 3),
+                          "peak_mem_ratio": round(mem / mem_plain, 3)})
     out = Path(args.csv)
-    write_csv(out, [{**row, "machine": machine} for row in rows])
+    write_csv(out, [{**row, "machine": machine} for row in rows.rows])
     print(f"# wrote {out}")
 
 
