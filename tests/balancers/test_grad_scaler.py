@@ -23,16 +23,20 @@ def problem(seed=0):
 
 
 def run(bal, path, steps, scaler=None, net=None):
-    """Train ``steps`` steps; returns the weights after each and the final model."""
+    """Train ``steps`` steps of ``bal.accumulation_steps`` micro-batches each; returns the
+    weights after each and the final model."""
     net, x, ys = (net, *problem()[1:]) if net is not None else problem()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    micro = getattr(bal, "accumulation_steps", 1)
     trace = []
     for _ in range(steps):
         opt.zero_grad()
-        h = net.trunk(x)
-        feats = bal.tap(h) if path == "fast" else (h,) * T
-        losses = [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(T)]
-        bal.backward(losses, shared=net.last_shared, grad_scaler=scaler)
+        for m in range(micro):
+            rows = slice(m * len(x) // micro, (m + 1) * len(x) // micro)
+            h = net.trunk(x[rows])
+            feats = bal.tap(h) if path == "fast" else (h,) * T
+            losses = [F.mse_loss(net.heads[i](feats[i]), ys[i][rows]) for i in range(T)]
+            bal.backward(losses, shared=net.last_shared, grad_scaler=scaler)
         if scaler is None:
             opt.step()
         else:
@@ -114,25 +118,9 @@ def test_a_disabled_scaler_is_no_scaler_and_a_wrong_object_is_an_error():
 def test_exact_window_norms_under_a_scaler_follow_the_unscaled_run(path):
     # two micro-batches a step, G_i from the per-task gradients at W summed over the window:
     # the scale divides out of them as out of the norms (a power of two: bit for bit)
-    def train(scaler):
-        net, x, ys = problem()
-        bal = lb.GradNorm(T, accumulation_steps=2)
-        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-        for _ in range(10):
-            opt.zero_grad()
-            for rows in (slice(0, 8), slice(8, 16)):
-                h = net.trunk(x[rows])
-                feats = bal.tap(h) if path == "fast" else (h,) * T
-                losses = [F.mse_loss(net.heads[i](feats[i]), ys[i][rows]) for i in range(T)]
-                bal.backward(losses, shared=net.last_shared, grad_scaler=scaler)
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
-        return bal
-
-    plain, scaled = train(None), train(torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    plain, scaled = lb.GradNorm(T, accumulation_steps=2), lb.GradNorm(T, accumulation_steps=2)
+    run(plain, path, 10)
+    run(scaled, path, 10, torch.amp.GradScaler("cpu", init_scale=2.0**12))
     assert int(scaled.num_steps) == 10
     assert torch.equal(plain.weights, scaled.weights)
     assert torch.equal(plain.stats["grad_norm"], scaled.stats["grad_norm"])
