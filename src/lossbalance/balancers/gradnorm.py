@@ -378,7 +378,9 @@ class GradNorm(Balancer):
             self._initialized = True
         self._update_weights(weights, dweights.to(weights))
         weights.clamp_(min=self.min_weight)
-        weights.mul_(self.num_tasks / weights.sum())
+        # T / sum, as Tensor.__rtruediv__ computes it (reciprocal, times T) without its
+        # Python wrapper
+        weights.mul_(weights.sum().reciprocal_().mul_(self.num_tasks))
         self._buffers["num_steps"].add_(1)
         _set(self, "stats", {
             "weight": w,
@@ -386,7 +388,7 @@ class GradNorm(Balancer):
             "target": target,
             "loss_ratio": loss_ratio,
             "inverse_rate": inverse_rate,
-            "gradnorm_loss": gap.abs().sum(),
+            "gradnorm_loss": torch.linalg.vector_norm(gap, 1),  # sum_i |gap_i|
         })
         return total
 
