@@ -19,6 +19,12 @@ from .._checks import LossesLike
 SharedLike = Tensor | nn.Module | Iterable[Tensor] | None
 
 
+def _like(t: Tensor, other: Tensor) -> Tensor:
+    """``t.to(other)``, skipping the call when dtype and device already match: a step does
+    this to several T-vectors, and each call is a dispatch of a few microseconds."""
+    return t if t.dtype == other.dtype and t.device == other.device else t.to(other)
+
+
 def _set(module: nn.Module, name: str, value: Any) -> None:
     """Set a plain (non-parameter, non-buffer) attribute without ``nn.Module.__setattr__``.
 
@@ -117,7 +123,7 @@ class Balancer(nn.Module):
 
     def _weighted_backward(self, stacked: Tensor, weights: Tensor) -> Tensor:
         """One ordinary backward of sum_i w_i L_i with ``weights`` treated as constants."""
-        w = weights.detach().to(device=stacked.device, dtype=stacked.dtype)
+        w = _like(weights.detach() if weights.requires_grad else weights, stacked)
         total = stacked @ w
         self._backward(total)
         return total.detach()

@@ -33,7 +33,7 @@ from .. import _checks, _graph
 from .._adam import plain_adam_step
 from .._combine import Window, mean_over_processes, norms_over_processes, row_norms
 from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms, per_task_vectors
-from .base import Balancer, SharedLike, _set
+from .base import Balancer, SharedLike, _like, _set
 
 
 def _is_process_group(group: object) -> bool:
@@ -339,8 +339,8 @@ class GradNorm(Balancer):
             if batched and _checks.first_nonfinite(grad_norm) is not None:
                 grads = measure(losses, shared_list, False, scale)  # the right task
                 grad_norm = row_norms(grads) if keep else grads
-            grad_norm_w = w_back.to(grad_norm) * grad_norm
-            vectors = grads.mul_(w_back.to(grads)[:, None]) if keep else None
+            grad_norm_w = _like(w_back, grad_norm) * grad_norm
+            vectors = grads.mul_(_like(w_back, grads)[:, None]) if keep else None
             grad_norm_w, vectors = self._over_processes(grad_norm_w, vectors, per_sample)
             finite = self._check_finite_norms(grad_norm_w, before_backward=True)
             if finite or scale is not None:
@@ -348,7 +348,7 @@ class GradNorm(Balancer):
                 # scaler sees it and skips the optimizer step
                 total = self._weighted_backward(stacked, w_back)
             else:
-                total = values @ w_back.to(values)
+                total = values @ _like(w_back, values)
         if k > 1:  # one weights' update a window, from the window's L_i and G_i
             window = self._window.add(values, grad_norm_w, per_sample, finite, vectors)
             if window is None:
@@ -362,10 +362,10 @@ class GradNorm(Balancer):
                 finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         if not finite:
             return total
-        grad_norm = grad_norm_w / w.to(grad_norm_w)  # ||grad_W L_i||
+        grad_norm = grad_norm_w / _like(w, grad_norm_w)  # ||grad_W L_i||
 
-        l0 = values if first else self._buffers["initial_losses"].to(values)
-        loss_ratio = (values / l0).to(grad_norm)
+        l0 = values if first else _like(self._buffers["initial_losses"], values)
+        loss_ratio = _like(values / l0, grad_norm)
         inverse_rate = loss_ratio / loss_ratio.mean()
         target = grad_norm_w.mean() * inverse_rate.pow(self.alpha)
         gap = grad_norm_w - target
@@ -376,7 +376,7 @@ class GradNorm(Balancer):
         if first:
             self.initial_losses.copy_(values)
             self._initialized = True
-        self._update_weights(weights, dweights.to(weights))
+        self._update_weights(weights, _like(dweights, weights))
         weights.clamp_(min=self.min_weight)
         # T / sum, as Tensor.__rtruediv__ computes it (reciprocal, times T) without its
         # Python wrapper
