@@ -187,7 +187,7 @@ class Capture:
     def __init__(self, workspace: Workspace, chunk: int) -> None:
         self.workspace, self.chunk_size = workspace, chunk
         self._hooks: dict[tuple[int, int, bool], object] = {}
-        self._orders: dict[tuple[int, ...], Tensor] = {}  # fill order -> its inverse index
+        self._orders: dict[tuple[tuple[int, ...], bool], Tensor] = {}  # see _index
         self.filled: list[int] = []  # tasks whose delta sits in the chunk buffer
         self.order: list[int] = []  # tasks in the order their chunk norms were formed
         self.partial: dict[int, Tensor] = {}
@@ -305,8 +305,8 @@ class Capture:
         if self.vectors is not None:  # keep dW_i (and db_i) themselves, as rows i
             flat = self._chunk_vectors(delta)
             torch.linalg.vector_norm(flat, dim=1, dtype=self.norm_dtype, out=rows)
-            index = torch.tensor(self.filled, device=flat.device)
-            self.vectors.index_copy_(0, index, flat.to(self.vectors.dtype))
+            self.vectors.index_copy_(0, self._index(tuple(self.filled), flat.device),
+                                     flat.to(self.vectors.dtype))
         elif self.dw is not None:  # one weight, no wider than the batch: the usual case
             dw = self.dw if n == self.chunk else self.dw[:n]
             torch.matmul(delta.transpose(1, 2), self.x, out=dw)  # dW_i = delta_i^T x
@@ -367,16 +367,23 @@ class Capture:
         if self.mode != "linear":
             return self.out.clone()
         norms = self.out  # in fill order
-        key = tuple(self.order)
-        inverse = self._orders.get(key)  # the fill order is usually the same every step
-        if inverse is None or inverse.device != norms.device:
-            if len(self._orders) > 16:  # orders that change every step: keep a few
+        return norms[self._index(tuple(self.order), norms.device, invert=True)]
+
+    def _index(self, tasks: tuple[int, ...], device: torch.device, invert: bool = False
+               ) -> Tensor:
+        """``tasks`` as an index tensor on ``device``, or its inverse permutation, made once
+        per distinct order: the fill order is usually the same every step, and making it
+        anew would copy it from the host every step (a synchronisation on a GPU)."""
+        index = self._orders.get((tasks, invert))
+        if index is None or index.device != device:
+            if len(self._orders) > 32:  # orders that change every step: keep a few
                 self._orders.clear()
-            inverse = torch.empty(len(key), dtype=torch.long)
-            inverse[list(key)] = torch.arange(len(key))
-            inverse = inverse.to(norms.device)
-            self._orders[key] = inverse
-        return norms[inverse]
+            index = torch.tensor(tasks, dtype=torch.long)
+            if invert:  # inverse[tasks[j]] = j
+                index = torch.empty_like(index).index_copy_(0, index, torch.arange(len(tasks)))
+            index = index.to(device)
+            self._orders[(tasks, invert)] = index
+        return index
 
     def end(self) -> None:
         """Drop this step's references (h, the layer input, gradients) after a step.
