@@ -7,6 +7,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from literal import ToyNet
 from torch.nn import functional as F
 
@@ -224,3 +226,19 @@ def test_a_window_in_progress_moves_with_the_balancer():
     assert window.values.dtype == window.norms.dtype == window.vectors.dtype == torch.float64
     step(net.double(), bal, x[16:], [y[16:] for y in ys], "fast", "W")
     assert int(bal.num_steps) == 1 and bal.weights.dtype == torch.float64
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), micro=st.sampled_from([2, 4, 8]),
+       path=st.sampled_from(["fast", "general"]), which=st.sampled_from(["W", "Wb", "trunk"]),
+       alpha=st.floats(0, 3))
+def test_any_equal_split_gives_the_whole_batch_norms(seed, micro, path, which, alpha):
+    # invariant: k equal micro-batches and one whole batch give the same G_i and weights
+    net, x, ys = problem(seed)
+    whole = train_at(copy.deepcopy(net), lb.GradNorm(T, alpha=alpha).double(), x, ys, path,
+                     which, 1, windows=3)
+    acc = train_at(copy.deepcopy(net),
+                   lb.GradNorm(T, alpha=alpha, accumulation_steps=micro).double(), x, ys, path,
+                   which, micro, windows=3)
+    torch.testing.assert_close(acc[1], whole[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(acc[0], whole[0], rtol=1e-9, atol=1e-10)
