@@ -242,3 +242,44 @@ def test_any_equal_split_gives_the_whole_batch_norms(seed, micro, path, which, a
                    which, micro, windows=3)
     torch.testing.assert_close(acc[1], whole[1], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(acc[0], whole[0], rtol=1e-9, atol=1e-10)
+
+
+def inf_grad_losses(net, bal, x, ys, path):
+    """Finite losses whose gradient at the shared layer is infinite (sqrt at 0, task 1)."""
+    h = net.trunk(x)
+    feats = bal.tap(h) if path == "fast" else (h,) * T
+    losses = [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(T)]
+    u = net.heads[1](feats[1])
+    losses[1] = losses[1] + torch.sqrt(u[0, 0] - u[0, 0].detach())
+    return losses
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_a_nonfinite_gradient_inside_an_exact_window_leaves_the_window_as_it_was(path):
+    net, x, ys = problem()
+    bal = lb.GradNorm(T, accumulation_steps=3).double()
+    step(net, bal, x[:8], [y[:8] for y in ys], path, "W")  # the window's first call
+    before = copy.deepcopy(bal.state_dict())
+    with pytest.raises(ValueError, match=r"gradient norm of task 1 is (inf|nan)"):
+        bal.backward(inf_grad_losses(net, bal, x[8:16], [y[8:16] for y in ys], path),
+                     shared=net.last_shared)
+    after = bal.state_dict()
+    window, window_after = before.pop("_extra_state")["window"], after.pop("_extra_state")["window"]
+    assert window["count"] == window_after["count"] == 1
+    assert torch.equal(window["vectors"], window_after["vectors"])  # the summed dW_i
+    for key, value in before.items():  # L(0) is still nan: the window has not closed
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_skip_mode_skips_an_exact_window_with_a_nonfinite_gradient(path):
+    net, x, ys = problem()
+    bal = lb.GradNorm(T, accumulation_steps=2, on_nonfinite="skip").double()
+    step(net, bal, x[:16], [y[:16] for y in ys], path, "W")
+    bal.backward(inf_grad_losses(net, bal, x[16:], [y[16:] for y in ys], path),
+                 shared=net.last_shared)
+    assert bal.last_step_skipped and int(bal.num_steps) == 0
+    assert torch.equal(bal.weights, torch.ones(T, dtype=torch.float64))
+    for rows in (slice(0, 16), slice(16, 32)):  # the next window updates as usual
+        step(net, bal, x[rows], [y[rows] for y in ys], path, "W")
+    assert not bal.last_step_skipped and int(bal.num_steps) == 1
