@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Callable
 from pathlib import Path
+
+Cell = Callable[[dict[str, str]], str]  # a table cell from a CSV row
 
 METHOD_NAMES = {
     "fast/W": "fast path, norms at W",
@@ -23,19 +26,28 @@ def read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def step_overhead_table(rows: list[dict[str, str]]) -> str:
-    lines = [
-        "| T | method | plain step (ms) | time ratio (p25-p75) | peak memory ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['tasks']} | {METHOD_NAMES.get(r['method'], r['method'])} | "
-            f"{float(r['plain_ms']):.2f} | {float(r['time_ratio']):.2f} "
-            f"({float(r['ratio_p25']):.2f}-{float(r['ratio_p75']):.2f}) | "
-            f"{float(r['peak_mem_ratio']):.2f} |"
-        )
+def markdown(rows: list[dict[str, str]], columns: dict[str, Cell]) -> str:
+    """A Markdown table: one column per (header, cell function of a CSV row)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def number(key: str) -> Cell:
+    """The CSV field ``key`` with two decimals."""
+    return lambda r: f"{float(r[key]):.2f}"
+
+
+def step_overhead_table(rows: list[dict[str, str]]) -> str:
+    return markdown(rows, {
+        "T": lambda r: r["tasks"],
+        "method": lambda r: METHOD_NAMES.get(r["method"], r["method"]),
+        "plain step (ms)": number("plain_ms"),
+        "time ratio (p25-p75)": lambda r: (f"{float(r['time_ratio']):.2f} "
+                                           f"({float(r['ratio_p25']):.2f}-"
+                                           f"{float(r['ratio_p75']):.2f})"),
+        "peak memory ratio": number("peak_mem_ratio"),
+    })
 
 
 def peers_tables(rows: list[dict[str, str]]) -> str:
@@ -67,16 +79,14 @@ def peers_tables(rows: list[dict[str, str]]) -> str:
 
 
 def window_norms_table(rows: list[dict[str, str]]) -> str:
-    lines = [
-        "| T | micro-batches | parameter_norms | plain step (ms) | time ratio | peak memory |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['tasks']} | {r['micro']} | {r['method']} | {float(r['plain_ms']):.2f} | "
-            f"{float(r['time_ratio']):.2f} | {float(r['peak_mem_ratio']):.2f} |"
-        )
-    return "\n".join(lines)
+    return markdown(rows, {
+        "T": lambda r: r["tasks"],
+        "micro-batches": lambda r: r["micro"],
+        "parameter_norms": lambda r: r["method"],
+        "plain step (ms)": number("plain_ms"),
+        "time ratio": number("time_ratio"),
+        "peak memory": number("peak_mem_ratio"),
+    })
 
 
 def main() -> None:
