@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lossbalance._graph import consumers_of
+from lossbalance._graph import consumers_of, edges_of
 from lossbalance._taps import Capture, Workspace, linear_pattern, per_task_norms
 
 
@@ -17,12 +17,11 @@ def per_task_reference(losses, shared):
 
 
 def captured_norms(losses, h, shared, chunk=16, pattern="auto"):
-    consumers, problem = consumers_of(losses, h)
-    assert problem is None
     if pattern == "auto":
         pattern = linear_pattern(h, shared)
     cap = Capture(Workspace(), chunk)
-    cap.begin(h, shared, pattern, consumers)
+    assert cap.walk(losses, h, shared, edges_of(shared), pattern, False) is None
+    cap.begin(h, shared, pattern)
     torch.autograd.backward(torch.stack(losses).sum())
     norms = cap.finish()
     cap.end()

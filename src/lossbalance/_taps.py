@@ -25,11 +25,12 @@ network it measured 2.8x the plain step at T=10 and 10.8x at T=64, the loop 1.8x
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _graph
+from . import _graph, _native
 
 # Element-wise activations whose Jacobian is diagonal: their VJP of a ones tensor is that diagonal.
 _ELEMENTWISE = frozenset(
@@ -191,6 +192,10 @@ class Capture:
         self.filled: list[int] = []  # tasks whose delta sits in the chunk buffer
         self.order: list[int] = []  # tasks in the order their chunk norms were formed
         self.partial: dict[int, Tensor] = {}
+        self._native: Any = None  # the C++ capture, made on first use
+        self._native_made = False
+        self._walked: Any = None  # what ``walk`` found: consumers or the native
+        self.native: Any = None  # the C++ capture serving this step
         self.end()
 
     def __getstate__(self) -> dict:
@@ -199,19 +204,48 @@ class Capture:
         and made again on demand."""
         state = self.__dict__.copy()
         state["_hooks"], state["_orders"] = {}, {}
+        state["_native"], state["_native_made"] = None, False  # a C++ object: made again
+        state["_walked"] = None
         return state
 
+    def walk(self, losses: Sequence[Tensor], h: Tensor, shared: Sequence[Tensor],
+             edges: Sequence, pattern: tuple[list, Tensor, dict] | None, vectors: bool
+             ) -> tuple | None:
+        """Find each loss's nodes that read h (``_graph.consumers_of``), for ``begin``.
+
+        Returns ``consumers_of``'s problem or None. The C++ capture (``lossbalance._native``)
+        walks and hooks when it serves the step's mode: norms at h, or at one ``nn.Linear``
+        weight no wider than the batch without kept vectors; otherwise the Python walk runs.
+        """
+        native = self._native_capture() if _native_serves(shared, pattern, vectors) else None
+        if native is not None:
+            problem = native.walk(list(losses), h, list(shared))
+            if problem is None or problem[0] != "python":
+                self._walked = native
+                return problem
+        consumers, problem = _graph.consumers_of(losses, h, edges)
+        self._walked = consumers
+        return problem
+
+    def _native_capture(self) -> Any:
+        if not self._native_made:
+            self._native, self._native_made = _native.new_capture(), True
+        return self._native
+
     def begin(self, h: Tensor, shared: Sequence[Tensor],
-              pattern: tuple[list, Tensor, dict] | None,
-              consumers: list[list[tuple[object, int]]], vectors: bool = False) -> None:
-        """Hook this step's consumer nodes. ``vectors``: also keep each task's gradient at
-        the shared parameters, as row i of ``self.vectors`` [T, P] (see ``per_task_vectors``
-        for the layout), for the exact combination over micro-batches or processes."""
-        num_tasks = len(consumers)
+              pattern: tuple[list, Tensor, dict] | None, vectors: bool = False) -> None:
+        """Hook the consumer nodes that ``walk`` found. ``vectors``: also keep each task's
+        gradient at the shared parameters, as row i of ``self.vectors`` [T, P] (see
+        ``per_task_vectors`` for the layout), for the exact combination over micro-batches
+        or processes."""
+        walked, self._walked = self._walked, None
+        native = None if isinstance(walked, list) else walked
+        consumers = walked if native is None else None
+        num_tasks = len(consumers) if native is None else native.num_consumers()
         self.h, self.shared, self.pattern = h, list(shared), pattern
         self.norm_dtype = _norm_dtype(h)
         self.done = [False] * num_tasks
-        self.remaining = [len(edges) for edges in consumers]
+        self.remaining = [] if consumers is None else [len(edges) for edges in consumers]
         self.out, self.rows = self.workspace.rows("norms", (num_tasks,), h, self.norm_dtype)
         self.mode = "h" if not self.shared else ("linear" if pattern is not None else "vjp")
         self._take = {"h": self._take_h, "vjp": self._take_vjp,
@@ -221,6 +255,14 @@ class Capture:
             self.vectors = self.workspace.get("vectors", (num_tasks, size), h, self.norm_dtype)
         if self.mode == "linear":
             self._begin_linear(h, num_tasks)
+        if native is not None:
+            if self.mode == "h":
+                native.begin_h(h, self.out, self.norm_dtype)
+            else:
+                native.begin_linear(h, self.out, self.norm_dtype, self.delta_rows,
+                                    list(self.slots), self.x, self.dw, self.relu_out, self.jac)
+            self.native, self.active = native, True
+            return
         hooks = self._hooks
         for i, edges in enumerate(consumers):
             single = len(edges) == 1
@@ -358,11 +400,15 @@ class Capture:
 
     def finish(self) -> Tensor:
         """G_i for every task, once the backward has run all the hooks (a new tensor)."""
-        if self.mode == "linear":
-            with torch.no_grad():
-                self._flush()
-        if not all(self.done):  # the graph walk promised every task a consumer node
+        if self.native is not None:
+            missing, order = self.native.finish()
+            self.order = order
+        else:
+            if self.mode == "linear":
+                with torch.no_grad():
+                    self._flush()
             missing = [i for i, done in enumerate(self.done) if not done]
+        if missing:  # the graph walk promised every task a consumer node
             raise RuntimeError(f"no gradient at h was seen for tasks {missing}")
         if self.mode != "linear":
             return self.out.clone()
@@ -392,6 +438,9 @@ class Capture:
         the step has ended (removing them one by one cost ~1-2 us a task).
         """
         self.active = False
+        if self.native is not None:
+            self.native.end()
+        self.native = None
         self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
         self.x = self.relu_out = self.dw = self.vectors = None
         self.shared, self.done, self.slots, self.rows = [], [], (), ()
@@ -400,6 +449,18 @@ class Capture:
         self.partial.clear()
         self.filled.clear()
         self.order.clear()
+
+
+def _native_serves(shared: Sequence[Tensor], pattern: tuple[list, Tensor, dict] | None,
+                   vectors: bool) -> bool:
+    """Whether the C++ capture serves the mode: norms at h, or at one ``nn.Linear`` weight
+    no wider than the batch (one matmul a chunk) when no per-task vectors are kept."""
+    if not shared:
+        return True
+    if pattern is None or vectors or len(shared) != 1:
+        return False
+    _, x, roles = pattern
+    return roles[id(shared[0])] == "weight" and x.shape[0] >= x.shape[1]
 
 
 def auto_chunk(num_tasks: int) -> int:

@@ -212,15 +212,16 @@ class GradNorm(Balancer):
         return (h,) * self.num_tasks
 
     # ------------------------------------------------------------------ validation
-    def _check_fast_graph(self, losses: list[Tensor], tap: Tap, shared: list[Tensor]
-                          ) -> tuple[list, tuple[list, Tensor, dict] | None]:
+    def _check_fast_graph(self, losses: list[Tensor], tap: Tap, shared: list[Tensor],
+                          vectors: bool) -> tuple[list, Tensor, dict] | None:
         """Each loss must reach h through operations of its own, and h every shared tensor.
 
-        Returns the consumer nodes of h per task and the ``nn.Linear`` pattern of h when it
-        matches (see ``_taps.linear_pattern``).
+        The capture keeps the consumer nodes of h per task for ``begin``; returns the
+        ``nn.Linear`` pattern of h when it matches (see ``_taps.linear_pattern``).
         """
         edges = self._shared_edges(shared) if shared else []
-        consumers, problem = _graph.consumers_of(losses, tap.h, edges)
+        pattern = linear_pattern(tap.h, shared, edges)
+        problem = self._capture.walk(losses, tap.h, shared, edges, pattern, vectors)
         if problem is not None:
             if problem[0] == "bypass":
                 _, i, k = problem
@@ -244,10 +245,9 @@ class GradNorm(Balancer):
                 "so their gradients at h cannot be told apart: tap the tensor their heads "
                 "branch from, or pass shared= parameters without a tap"
             )
-        pattern = linear_pattern(tap.h, shared, edges)
         if shared and pattern is None:
             self._check_shared_reached([tap.h], shared, "the tapped representation h", edges)
-        return consumers, pattern
+        return pattern
 
     def _check_general_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
         edges = self._shared_edges(shared)
@@ -291,16 +291,6 @@ class GradNorm(Balancer):
         first = not self._initialized
         if first and self.alpha > 0:
             _checks.check_initial_losses(values, self.task_names)
-        if tap is not None:
-            consumers, pattern = self._check_fast_graph(losses, tap, shared_list)
-        elif not shared_list:
-            raise ValueError(
-                "shared=None measures gradient norms at the tapped representation: call "
-                "feats = bal.tap(h) and feed feats[i] to head i, or pass shared= parameters"
-            )
-        else:
-            self._check_general_graph(losses, shared_list)
-
         # per-sample tensors (h): norms of a window or of processes combine as root of the
         # summed squares; parameters: as a sum (window) or mean (processes)
         per_sample = (not shared_list) if tap is not None else all(
@@ -309,6 +299,15 @@ class GradNorm(Balancer):
         # exact G_i at parameters over micro-batches or processes: keep the per-task gradients
         keep = (self.parameter_norms == "exact" and (k > 1 or self.distributed is not False)
                 and not per_sample and all(t.is_leaf for t in shared_list))
+        if tap is not None:
+            pattern = self._check_fast_graph(losses, tap, shared_list, keep)
+        elif not shared_list:
+            raise ValueError(
+                "shared=None measures gradient norms at the tapped representation: call "
+                "feats = bal.tap(h) and feed feats[i] to head i, or pass shared= parameters"
+            )
+        else:
+            self._check_general_graph(losses, shared_list)
         if k > 1:
             self._window.check(per_sample, (self.num_tasks, sum(t.numel() for t in shared_list))
                                if keep else None)
@@ -319,7 +318,7 @@ class GradNorm(Balancer):
         scale = None if self._scaler is None else self._scaler.scale(values.new_ones(()))
         if tap is not None:
             capture = self._capture
-            capture.begin(tap.h, shared_list, pattern, consumers, vectors=keep)
+            capture.begin(tap.h, shared_list, pattern, vectors=keep)
             try:
                 total = self._weighted_backward(stacked, w_back)
                 grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||

@@ -1,0 +1,292 @@
+// The fast path's graph walk and per-task hooks in C++ (see lossbalance/_taps.py, whose
+// Python Capture does the same work operation for operation, and lossbalance/_native).
+//
+// Per step: walk() finds, from each loss, the autograd nodes that read the tapped h (the
+// same walk and the same problems as lossbalance._graph.consumers_of); begin_h() or
+// begin_linear() registers one C++ post-hook on each such node; during the one backward a
+// hook sees g_i = w_i dL_i/dh and either writes ||g_i|| into row i of a kept [T] tensor
+// ("h") or writes delta_i = g_i * act'(z) into a chunk buffer, and every `chunk` tasks one
+// batched matmul forms dW_i = delta_i^T x and their norms ("linear"); finish() flushes the
+// last chunk and reports the tasks not seen and the order the norms were formed in.
+// A Python hook costs a call into the interpreter per task; these cost none.
+
+#include <torch/extension.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+using torch::autograd::Edge;
+using torch::autograd::FunctionPostHook;
+using torch::autograd::Node;
+using torch::autograd::variable_list;
+
+namespace {
+
+struct Step {
+  std::mutex lock;
+  uint64_t generation = 0;  // hooks of another step do nothing
+  bool active = false;
+  bool linear = false;
+  at::Tensor h, out, delta_rows, x, dw, relu_out, jac;
+  std::vector<at::Tensor> rows, slots;
+  c10::optional<at::ScalarType> norm_dtype;
+  int64_t chunk = 1, pos = 0;
+  std::vector<int64_t> filled, order, remaining;
+  std::vector<char> done;
+  std::unordered_map<int64_t, at::Tensor> partial;
+
+  void take(int64_t i, const at::Tensor& g) {
+    if (!linear) {
+      at::linalg_vector_norm_out(rows[i], g, 2, c10::nullopt, false, norm_dtype);
+      done[i] = 1;
+      return;
+    }
+    at::Tensor& slot = slots[filled.size()];
+    if (relu_out.defined()) {
+      at::threshold_backward_out(slot, g, relu_out, 0);
+    } else if (jac.defined()) {
+      at::mul_out(slot, g, jac);
+    } else {
+      slot.copy_(g);
+    }
+    filled.push_back(i);
+    if (static_cast<int64_t>(filled.size()) == chunk) flush();
+  }
+
+  void flush() {
+    const int64_t n = static_cast<int64_t>(filled.size());
+    if (n == 0) return;
+    at::Tensor delta = n == chunk ? delta_rows : delta_rows.slice(0, 0, n);
+    at::Tensor part = out.slice(0, pos, pos + n);
+    at::Tensor dwn = n == chunk ? dw : dw.slice(0, 0, n);
+    at::matmul_out(dwn, delta.transpose(1, 2), x);  // dW_i = delta_i^T x
+    at::linalg_vector_norm_out(part, dwn.view({n, -1}), 2, at::IntArrayRef{1}, false,
+                               norm_dtype);
+    pos += n;
+    for (int64_t i : filled) {
+      order.push_back(i);
+      done[i] = 1;
+    }
+    filled.clear();
+  }
+};
+
+struct TaskHook : FunctionPostHook {
+  std::shared_ptr<Step> step;
+  uint64_t generation;
+  int64_t task, input;
+  bool single;
+
+  TaskHook(std::shared_ptr<Step> s, uint64_t gen, int64_t i, int64_t k, bool one)
+      : step(std::move(s)), generation(gen), task(i), input(k), single(one) {}
+
+  variable_list operator()(const variable_list& grad_inputs,
+                           const variable_list& /*grad_outputs*/) override {
+    Step& s = *step;
+    std::lock_guard<std::mutex> guard(s.lock);
+    if (!s.active || s.generation != generation) return grad_inputs;
+    at::NoGradGuard no_grad;
+    at::Tensor g = grad_inputs[input];
+    if (!g.defined()) g = at::zeros_like(s.h);
+    if (!single) {  // a head that reads h in several places: sum them first
+      s.remaining[task] -= 1;
+      auto it = s.partial.find(task);
+      if (it == s.partial.end()) {
+        s.partial.emplace(task, g);
+      } else {
+        it->second = it->second + g;
+      }
+      if (s.remaining[task] > 0) return grad_inputs;
+      g = s.partial[task];
+      s.partial.erase(task);
+    }
+    s.take(task, g);
+    return grad_inputs;
+  }
+};
+
+// the pointer type autograd holds nodes by (an intrusive or a shared pointer by version)
+using NodePtr = std::decay_t<decltype(std::declval<Node&>().getptr())>;
+using Consumers = std::vector<std::vector<std::pair<NodePtr, int64_t>>>;
+
+class NativeCapture {
+ public:
+  NativeCapture() : step_(std::make_shared<Step>()) {}
+
+  // The nodes of each loss that read h, as lossbalance._graph.consumers_of finds them.
+  // Returns None, ("unreached", i), ("shared", j, i), ("bypass", i, k), or ("python",)
+  // when a loss starts at an element of a stack (the Python walk knows that case).
+  py::object walk(const std::vector<at::Tensor>& losses, const at::Tensor& h,
+                  const std::vector<at::Tensor>& shared) {
+    consumers_.clear();
+    const Edge h_edge = torch::autograd::impl::gradient_edge(h);
+    const Node* h_node = h_edge.function.get();
+    const uint32_t h_nr = h_edge.input_nr;
+    std::vector<std::pair<const Node*, uint32_t>> avoid;
+    for (const auto& t : shared) {
+      const Edge e = torch::autograd::impl::gradient_edge(t);
+      avoid.emplace_back(e.function.get(), e.input_nr);
+    }
+    std::unordered_map<const Node*, int64_t> owner;
+    std::unordered_set<const Node*> seen;
+    std::vector<Node*> stack;
+    for (int64_t i = 0; i < static_cast<int64_t>(losses.size()); ++i) {
+      const auto& start = losses[i].grad_fn();
+      if (!start) return py::make_tuple("unreached", i);
+      const std::string name = start->name();
+      if (name == "UnbindBackward0" || name == "SelectBackward0") return py::make_tuple("python");
+      std::vector<std::pair<NodePtr, int64_t>> found;
+      seen.clear();
+      seen.insert(start.get());
+      stack.assign(1, start.get());
+      int64_t bypass = -1;
+      while (!stack.empty()) {
+        Node* node = stack.back();
+        stack.pop_back();
+        const auto& edges = node->next_edges();
+        for (size_t k = 0; k < edges.size(); ++k) {
+          Node* next = edges[k].function.get();
+          if (next == h_node) {
+            if (edges[k].input_nr == h_nr) {
+              found.emplace_back(node->getptr(), static_cast<int64_t>(k));
+            }
+          } else if (next != nullptr) {
+            if (bypass < 0) {
+              for (size_t a = 0; a < avoid.size(); ++a) {
+                if (avoid[a].first == next && avoid[a].second == edges[k].input_nr) {
+                  bypass = static_cast<int64_t>(a);
+                  break;
+                }
+              }
+            }
+            if (!next->next_edges().empty() && seen.insert(next).second) stack.push_back(next);
+          }
+        }
+      }
+      if (found.empty()) return py::make_tuple("unreached", i);
+      if (bypass >= 0) return py::make_tuple("bypass", i, bypass);
+      for (const auto& f : found) {
+        auto ins = owner.emplace(f.first.get(), i);
+        if (ins.first->second != i) return py::make_tuple("shared", ins.first->second, i);
+      }
+      consumers_.push_back(std::move(found));
+    }
+    return py::none();
+  }
+
+  int64_t num_consumers() const { return static_cast<int64_t>(consumers_.size()); }
+
+  // Norms at h: ||g_i|| into out[i].
+  void begin_h(const at::Tensor& h, const at::Tensor& out, at::ScalarType norm_dtype) {
+    Step& s = reset(h, out, norm_dtype);
+    s.linear = false;
+    s.rows = out.unbind(0);
+    hook();
+  }
+
+  // Norms at an nn.Linear weight W upstream of h = act(x W^T + b): see Step::flush.
+  void begin_linear(const at::Tensor& h, const at::Tensor& out, at::ScalarType norm_dtype,
+                    const at::Tensor& delta_rows, std::vector<at::Tensor> slots,
+                    const at::Tensor& x, const at::Tensor& dw,
+                    const c10::optional<at::Tensor>& relu_out,
+                    const c10::optional<at::Tensor>& jac) {
+    Step& s = reset(h, out, norm_dtype);
+    s.linear = true;
+    s.delta_rows = delta_rows;
+    s.slots = std::move(slots);
+    s.chunk = static_cast<int64_t>(s.slots.size());
+    s.x = x;
+    s.dw = dw;
+    s.relu_out = relu_out.has_value() ? *relu_out : at::Tensor();
+    s.jac = jac.has_value() ? *jac : at::Tensor();
+    hook();
+  }
+
+  // Flushes the last chunk; returns (tasks whose gradient was not seen, fill order).
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> finish() {
+    Step& s = *step_;
+    std::lock_guard<std::mutex> guard(s.lock);
+    if (s.linear) {
+      at::NoGradGuard no_grad;
+      s.flush();
+    }
+    std::vector<int64_t> missing;
+    for (int64_t i = 0; i < static_cast<int64_t>(s.done.size()); ++i) {
+      if (!s.done[i]) missing.push_back(i);
+    }
+    return {missing, s.order};
+  }
+
+  void end() {
+    consumers_.clear();
+    Step& s = *step_;
+    std::lock_guard<std::mutex> guard(s.lock);
+    s.active = false;
+    s.h = s.out = s.delta_rows = s.x = s.dw = s.relu_out = s.jac = at::Tensor();
+    s.rows.clear();
+    s.slots.clear();
+    s.filled.clear();
+    s.order.clear();
+    s.partial.clear();
+  }
+
+ private:
+  Step& reset(const at::Tensor& h, const at::Tensor& out, at::ScalarType norm_dtype) {
+    Step& s = *step_;
+    std::lock_guard<std::mutex> guard(s.lock);
+    s.generation += 1;
+    s.h = h;
+    s.out = out;
+    s.norm_dtype = norm_dtype;
+    s.pos = 0;
+    s.filled.clear();
+    s.order.clear();
+    s.partial.clear();
+    const size_t num_tasks = consumers_.size();
+    s.done.assign(num_tasks, 0);
+    s.remaining.assign(num_tasks, 0);
+    for (size_t i = 0; i < num_tasks; ++i) {
+      s.remaining[i] = static_cast<int64_t>(consumers_[i].size());
+    }
+    return s;
+  }
+
+  void hook() {
+    Step& s = *step_;
+    for (size_t i = 0; i < consumers_.size(); ++i) {
+      const bool single = consumers_[i].size() == 1;
+      for (const auto& c : consumers_[i]) {
+        c.first->add_post_hook(std::make_unique<TaskHook>(
+            step_, s.generation, static_cast<int64_t>(i), c.second, single));
+      }
+    }
+    consumers_.clear();
+    s.active = true;
+  }
+
+  std::shared_ptr<Step> step_;
+  Consumers consumers_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<NativeCapture>(m, "NativeCapture")
+      .def(py::init<>())
+      .def("walk", &NativeCapture::walk)
+      .def("num_consumers", &NativeCapture::num_consumers)
+      .def("begin_h", &NativeCapture::begin_h)
+      .def("begin_linear", &NativeCapture::begin_linear)
+      .def("finish", &NativeCapture::finish)
+      .def("end", &NativeCapture::end);
+}
