@@ -2,9 +2,50 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
+
+
+class AdamArgs(NamedTuple):
+    """What one plain Adam step of a single tensor reads: its state and hyperparameters."""
+
+    step: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    fused: bool
+
+
+def plain_adam_args(opt: torch.optim.Optimizer, p: Tensor) -> AdamArgs | None:
+    """The state and hyperparameters of ``p``'s step when ``opt`` is a plain Adam, else None.
+
+    Plain: exactly ``torch.optim.Adam`` with one parameter group and its state made (after
+    one ordinary step), float hyperparameters, no amsgrad/weight decay/maximize/capturable/
+    differentiable, and no step hooks or wrapper of ``step`` (a learning-rate scheduler
+    wraps it): anything else must run ``opt.step()``.
+    """
+    state = opt.state.get(p)
+    if not state or type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+        return None
+    if ("step" in vars(opt)  # wrapped on the instance, e.g. by a learning-rate scheduler
+            or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
+            or _torch_optimizer._global_optimizer_pre_hooks
+            or _torch_optimizer._global_optimizer_post_hooks):
+        return None
+    group = opt.param_groups[0]
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    if (group["amsgrad"] or group["weight_decay"] or group["maximize"]
+            or group["capturable"] or group["differentiable"]
+            or not all(isinstance(v, float | int) for v in (lr, beta1, beta2, eps))):
+        return None
+    return AdamArgs(state["step"], state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2,
+                    eps, bool(group["fused"]))
 
 
 def plain_adam_step(opt: torch.optim.Optimizer, p: Tensor, grad: Tensor) -> bool:
@@ -16,29 +57,15 @@ def plain_adam_step(opt: torch.optim.Optimizer, p: Tensor, grad: Tensor) -> bool
     runs (the step count, then ``torch._fused_adam_``); otherwise the single-tensor update,
     operation for operation (8). Either way bit for bit what ``opt.step()`` computes, which
     spends several times as long on bookkeeping for a T-vector (in a training loop ~50 us of
-    ~75 us for the single-tensor update). Returns False, doing nothing, unless the
-    optimizer is exactly ``torch.optim.Adam`` with its state made (after one ordinary step),
-    float hyperparameters, no amsgrad/weight decay/maximize/capturable/differentiable and no
-    step hooks or wrapper of ``step`` (a learning-rate scheduler wraps it): the caller then
-    runs ``opt.step()``.
+    ~75 us for the single-tensor update). Returns False, doing nothing, unless the optimizer
+    is plain (``plain_adam_args``): the caller then runs ``opt.step()``.
     """
-    state = opt.state.get(p)
-    if not state or type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+    args = plain_adam_args(opt, p)
+    if args is None:
         return False
-    if ("step" in vars(opt)  # wrapped on the instance, e.g. by a learning-rate scheduler
-            or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-            or _torch_optimizer._global_optimizer_pre_hooks
-            or _torch_optimizer._global_optimizer_post_hooks):
-        return False
-    group = opt.param_groups[0]
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    if (group["amsgrad"] or group["weight_decay"] or group["maximize"]
-            or group["capturable"] or group["differentiable"]
-            or not all(isinstance(v, float | int) for v in (lr, beta1, beta2, eps))):
-        return False
-    step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    step_t, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, fused = args
     step_t += 1
-    if group["fused"]:
+    if fused:
         torch._fused_adam_([p], [grad], [exp_avg], [exp_avg_sq], [], [step_t], amsgrad=False,
                            lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
                            maximize=False, grad_scale=None, found_inf=None)

@@ -187,7 +187,7 @@ class Capture:
 
     def __init__(self, workspace: Workspace, chunk: int) -> None:
         self.workspace, self.chunk_size = workspace, chunk
-        self._hooks: dict[tuple[int, int, bool], object] = {}
+        self.generation = 0  # counts the steps: a hook acts only in its own step
         self._orders: dict[tuple[tuple[int, ...], bool], Tensor] = {}  # see _index
         self.filled: list[int] = []  # tasks whose delta sits in the chunk buffer
         self.order: list[int] = []  # tasks in the order their chunk norms were formed
@@ -199,11 +199,11 @@ class Capture:
         self.end()
 
     def __getstate__(self) -> dict:
-        """For ``copy.deepcopy`` and pickling: the hook functions close over this object
-        (a copy must make its own) and local functions do not pickle, so they are left out
-        and made again on demand."""
+        """For ``copy.deepcopy`` and pickling: the C++ capture neither copies nor pickles
+        (a copy makes its own on first use), and the cached index tensors are made again
+        on demand."""
         state = self.__dict__.copy()
-        state["_hooks"], state["_orders"] = {}, {}
+        state["_orders"] = {}
         state["_native"], state["_native_made"] = None, False  # a C++ object: made again
         state["_walked"] = None
         return state
@@ -263,14 +263,12 @@ class Capture:
                                     list(self.slots), self.x, self.dw, self.relu_out, self.jac)
             self.native, self.active = native, True
             return
-        hooks = self._hooks
+        self.generation += 1
         for i, edges in enumerate(consumers):
             single = len(edges) == 1
             for node, k in edges:
-                hook = hooks.get((i, k, single))
-                if hook is None:
-                    hook = hooks[(i, k, single)] = self._make_hook(i, k, single)
-                node.register_hook(hook)  # type: ignore[attr-defined]
+                node.register_hook(  # type: ignore[attr-defined]
+                    self._make_hook(i, k, single, self.generation))
         self.active = True
 
     def _begin_linear(self, h: Tensor, num_tasks: int) -> None:
@@ -293,10 +291,10 @@ class Capture:
                 and self.vectors is None):
             self.dw = self.workspace.get("dw", (self.chunk, h.shape[-1], fan_in), h)
 
-    def _make_hook(self, i: int, k: int, single: bool):
+    def _make_hook(self, i: int, k: int, single: bool, generation: int):
         def hook(grad_inputs, grad_outputs):  # hooks run under the backward's no-grad mode
-            if not self.active:  # a node of an earlier step, backpropagated again
-                return
+            if not self.active or self.generation != generation:
+                return  # a node of an earlier step, backpropagated again
             g = grad_inputs[k]
             if g is None:
                 g = torch.zeros_like(self.h)

@@ -85,14 +85,19 @@ def run_both(path, where, optimizer, dtype, steps=50, act=nn.ReLU, alpha=1.5, lr
     ("general", "W"), ("general", "h"), ("general", "trunk"),
     ("batched", "W"), ("batched", "trunk"),
 ])
-def test_matches_literal_algorithm(path, where, optimizer):
+def test_matches_literal_algorithm(path, where, optimizer, backend):
     bal = run_both(path, where, optimizer, torch.float64)
     assert not torch.allclose(bal.weights, torch.ones(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("path", ["fast", "general"])
-def test_matches_literal_in_float32(path):
-    run_both(path, "W", torch.optim.Adam, torch.float32)
+def test_matches_literal_in_float32(path, backend):
+    # the C++ update (lossbalance._native) computes the T-vector arithmetic and the Adam
+    # step in double and rounds the results once, where the literal rounds every float32
+    # operation: the weights differ by ~1e-7, and a weight that falls to 6e-3 here (step 34)
+    # turns that into 2.4e-5 relative in G_i = w_i ||grad L_i|| (the weights themselves still
+    # agree to 1e-5 absolute below)
+    run_both(path, "W", torch.optim.Adam, torch.float32, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -442,7 +447,7 @@ class _AdamViaStep(torch.optim.Adam):
                                     {"amsgrad": True}, {"weight_decay": 0.1}, {"maximize": True}],
                          ids=["default", "single-tensor", "betas", "betas-single-tensor",
                               "amsgrad", "decay", "maximize"])
-def test_adam_shortcut_equals_optimizer_step_bit_for_bit(dtype, kwargs):
+def test_adam_shortcut_equals_optimizer_step_bit_for_bit(dtype, kwargs, python_only):
     def run(optimizer, kwargs):
         bal = lb.GradNorm(3, alpha=1.5, optimizer=optimizer, optimizer_kwargs=kwargs).to(dtype)
         net, x, ys = make_problem(dtype=dtype)

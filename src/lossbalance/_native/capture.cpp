@@ -10,7 +10,7 @@
 // last chunk and reports the tasks not seen and the order the norms were formed in.
 // A Python hook costs a call into the interpreter per task; these cost none.
 
-#include <torch/extension.h>
+#include <torch/python.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -280,7 +280,7 @@ class NativeCapture {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+void bind_capture(py::module_& m) {
   py::class_<NativeCapture>(m, "NativeCapture")
       .def(py::init<>())
       .def("walk", &NativeCapture::walk)

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 
-from .. import _checks, _graph
-from .._adam import plain_adam_step
+from .. import _checks, _graph, _native
+from .._adam import plain_adam_args, plain_adam_step
 from .._combine import Window, mean_over_processes, norms_over_processes, row_norms
 from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms, per_task_vectors
 from .base import Balancer, SharedLike, _like, _set
@@ -329,6 +329,8 @@ class GradNorm(Balancer):
                 grad_norm_w = grad_norm_w / scale.to(grad_norm_w)
                 vectors = None if vectors is None else vectors / scale.to(vectors)
             grad_norm_w, vectors = self._over_processes(grad_norm_w, vectors, per_sample)
+            if k == 1 and self._native_update(grad_norm_w, w, values, first):
+                return total  # (it checked the norms: all finite)
             finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         else:
             batched = self.general_path == "batched"
@@ -361,6 +363,8 @@ class GradNorm(Balancer):
                 finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         if not finite:
             return total
+        if self._native_update(grad_norm_w, w, values, first):
+            return total
         grad_norm = grad_norm_w / _like(w, grad_norm_w)  # ||grad_W L_i||
 
         l0 = values if first else _like(self._buffers["initial_losses"], values)
@@ -390,6 +394,49 @@ class GradNorm(Balancer):
             "gradnorm_loss": torch.linalg.vector_norm(gap, 1),  # sum_i |gap_i|
         })
         return total
+
+    def _native_update(self, grad_norm_w: Tensor, w: Tensor, values: Tensor, first: bool
+                       ) -> bool:
+        """The rest of the step, from the norms on (the arithmetic below, the Adam step, the
+        floor, the renormalisation, the statistics), as one C++ loop over the tasks
+        (``lossbalance._native``; equal to the code below up to float rounding), when the
+        module is built, the weights' optimizer is a plain fused Adam with its state made,
+        every T-vector is a contiguous float32/float64 CPU tensor of the weights' dtype and
+        every norm is finite. Returns False, changing nothing, otherwise."""
+        module = self._native_module()
+        if module is None:
+            return False
+        weights = self._buffers["task_weights"]
+        adam = plain_adam_args(self._optimizer, weights)
+        if adam is None or not adam.fused:
+            return False
+        out = module.gradnorm_update(
+            grad_norm_w, w, values, self._buffers["initial_losses"], first, self.alpha,
+            weights, self._buffers["num_steps"], self.min_weight, adam.step, adam.exp_avg,
+            adam.exp_avg_sq, adam.lr, adam.beta1, adam.beta2, adam.eps)
+        if out is None:
+            return False
+        if first:
+            self._initialized = True
+        target, loss_ratio, inverse_rate, gradnorm_loss = out
+        _set(self, "stats", {
+            "weight": w,
+            "grad_norm": grad_norm_w,
+            "target": target,
+            "loss_ratio": loss_ratio,
+            "inverse_rate": inverse_rate,
+            "gradnorm_loss": gradnorm_loss,
+        })
+        return True
+
+    def _native_module(self) -> Any:
+        """The C++ module, or None; whether to use it is decided on the balancer's first
+        step (``LOSSBALANCE_NATIVE``, a successful build) and kept."""
+        use = self.__dict__.get("_use_native")
+        if use is None:
+            use = _native.load() is not None
+            _set(self, "_use_native", use)
+        return _native.loaded() if use else None
 
     def _over_processes(self, grad_norm_w: Tensor, vectors: Tensor | None, per_sample: bool
                         ) -> tuple[Tensor, Tensor | None]:

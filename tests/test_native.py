@@ -1,0 +1,263 @@
+"""GradNorm's C++ step (lossbalance._native) against the Python code it replaces.
+
+The capture (graph walk and hooks) runs the same ATen operations as the Python hooks, so its
+norms are equal bit for bit; the update (T-vector arithmetic, Adam, renormalisation) is one
+loop in double precision, equal to the Python code's up to float rounding.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lossbalance as lb
+from lossbalance import _native
+from lossbalance._graph import edges_of
+from lossbalance._taps import Capture, Workspace, linear_pattern
+
+
+@pytest.fixture(autouse=True)
+def _native_enabled(request, monkeypatch):
+    if "backend" not in request.fixturenames:
+        monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
+
+
+def test_module_builds_here():
+    # CI runs on a machine with a C++ compiler: the build must work there, not fall back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = _native.load()
+    assert module is not None
+    assert hasattr(module, "NativeCapture") and hasattr(module, "gradnorm_update")
+
+
+class Net(nn.Module):
+    def __init__(self, act=nn.ReLU, tasks=4, reads=1, dtype=torch.float64, width=12):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, width), act())
+        self.heads = nn.ModuleList(nn.Linear(width, 2) for _ in range(tasks))
+        self.reads = reads
+        self.to(dtype)
+
+    def losses(self, feats, ys):
+        out = []
+        for i, head in enumerate(self.heads):
+            pred = head(feats[i])
+            if self.reads == 2:  # a head that reads h in two places
+                pred = pred + head(feats[i] * 0.5)
+            out.append(F.mse_loss(pred, ys[i]) * (i + 1))
+        return out
+
+
+def train(native, *, act=nn.ReLU, where="W", tasks=4, reads=1, chunk=None, seq=False,
+          dtype=torch.float64, steps=25, monkeypatch=None, kwargs=None):
+    """Weights, stats and model gradients of every step, with the C++ step on or off."""
+    if native:
+        monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("LOSSBALANCE_NATIVE", "0")
+    torch.manual_seed(0)
+    net = Net(act, tasks, reads, dtype)
+    shape = (4, 5, 6) if seq else (20, 6)
+    x = torch.randn(*shape, dtype=dtype)
+    ys = [torch.randn(*shape[:-1], 2, dtype=dtype) for _ in range(tasks)]
+    bal = lb.GradNorm(tasks, alpha=1.5, chunk=chunk, **(kwargs or {})).to(dtype)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    trace = []
+    for _ in range(steps):
+        opt.zero_grad()
+        feats = bal.tap(net.trunk(x))
+        shared = {"W": net.trunk[2].weight, "h": None}[where]
+        total = bal.backward(net.losses(feats, ys), shared=shared)
+        trace.append({"total": total, "weights": bal.weights,
+                      **{k: v.clone() for k, v in bal.stats.items()},
+                      "grads": torch.cat([p.grad.flatten() for p in net.parameters()])})
+        opt.step()
+    return trace, bal
+
+
+CASES = {
+    "h": {"where": "h"},
+    "W-relu": {},
+    "W-tanh": {"act": nn.Tanh},  # the activation's Jacobian kept
+    "W-identity": {"act": nn.Identity},  # no activation
+    "W-chunk1": {"chunk": 1},
+    "W-chunk3": {"chunk": 3},  # a last chunk of one
+    "W-sequence": {"seq": True},  # nn.Linear on [B, L, in]
+    "h-two-reads": {"where": "h", "reads": 2},
+    "W-two-reads": {"reads": 2},
+    "W-T2": {"tasks": 2},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_step_equals_python_step(case, monkeypatch):
+    native, bal_n = train(True, monkeypatch=monkeypatch, **CASES[case])
+    python, bal_p = train(False, monkeypatch=monkeypatch, **CASES[case])
+    assert bal_n._capture._native is not None and bal_p._capture._native is None
+    # step 0: the same operations on the same inputs: equal bit for bit
+    for key in ("grad_norm", "target", "grads", "total"):
+        assert torch.equal(native[0][key], python[0][key]), key
+    # later steps: the weights' update rounds differently (double against float64 ops)
+    for a, b in zip(native, python, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-13, msg=key)
+    assert not torch.allclose(bal_n.weights, torch.ones(bal_n.num_tasks, dtype=torch.float64))
+    state_n, state_p = bal_n.state_dict(), bal_p.state_dict()
+    torch.testing.assert_close(state_n["num_steps"], state_p["num_steps"])
+    opt_n = state_n["_extra_state"]["optimizer"]["state"][0]
+    opt_p = state_p["_extra_state"]["optimizer"]["state"][0]
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt_n[key], opt_p[key], rtol=1e-12, atol=1e-15)
+
+
+def test_native_step_in_float32_agrees_to_float_rounding(monkeypatch):
+    native, _ = train(True, dtype=torch.float32, steps=40, monkeypatch=monkeypatch)
+    python, _ = train(False, dtype=torch.float32, steps=40, monkeypatch=monkeypatch)
+    for a, b in zip(native, python, strict=True):
+        torch.testing.assert_close(a["weights"], b["weights"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a["grad_norm"], b["grad_norm"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"betas": (0.5, 0.9), "eps": 1e-3}],
+                         ids=["default", "betas"])
+def test_native_adam_follows_torch_adam(kwargs, monkeypatch):
+    # the native loop against torch.optim.Adam's own step (a subclass, so that the balancer
+    # calls step()), a learning-rate change mid-run included
+    class AdamViaStep(torch.optim.Adam):
+        pass
+
+    def run(optimizer):
+        monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
+        torch.manual_seed(0)
+        net = Net()
+        x, ys = torch.randn(20, 6, dtype=torch.float64), [
+            torch.randn(20, 2, dtype=torch.float64) for _ in range(4)]
+        bal = lb.GradNorm(4, alpha=1.5, optimizer=optimizer,
+                          optimizer_kwargs={"fused": True, **kwargs}).double()
+        trace = []
+        for step in range(30):
+            if step == 15:
+                bal.optimizer.param_groups[0]["lr"] = 0.01
+            net.zero_grad()
+            feats = bal.tap(net.trunk(x))
+            bal.backward(net.losses(feats, ys), shared=net.trunk[2].weight)
+            trace.append(bal.weights)
+        return torch.stack(trace), bal.optimizer.state_dict()["state"][0]
+
+    weights_a, state_a = run(torch.optim.Adam)
+    weights_b, state_b = run(AdamViaStep)
+    torch.testing.assert_close(weights_a, weights_b, rtol=1e-12, atol=1e-14)
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-12, atol=1e-15)
+
+
+def test_native_update_keeps_the_floor_and_the_sum(monkeypatch):
+    # a task whose loss is 1e6 times another's, for many steps: weights > 0, sum T
+    monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
+    torch.manual_seed(0)
+    net = Net(tasks=2, dtype=torch.float32)
+    x, ys = torch.randn(20, 6), [torch.randn(20, 2) for _ in range(2)]
+    bal = lb.GradNorm(2, alpha=1.5, lr=0.5, min_weight=1e-4)
+    for _ in range(300):
+        net.zero_grad()
+        feats = bal.tap(net.trunk(x))
+        losses = net.losses(feats, ys)
+        bal.backward([losses[0] * 1e6, losses[1]], shared=net.trunk[2].weight)
+        w = bal.weights
+        assert torch.all(w > 0)
+        torch.testing.assert_close(w.sum(), torch.tensor(2.0))
+    assert w.min() < 0.05  # the floor was reached: the run did push a weight down
+
+
+def test_state_dict_round_trip_resumes_bit_exactly_with_the_native_step(monkeypatch):
+    _, bal = train(True, steps=10, monkeypatch=monkeypatch)
+    clone = copy.deepcopy(bal)
+    torch.manual_seed(1)
+    net = Net()
+    x, ys = torch.randn(20, 6, dtype=torch.float64), [
+        torch.randn(20, 2, dtype=torch.float64) for _ in range(4)]
+    for b in (bal, clone):
+        feats = b.tap(net.trunk(x))
+        b.backward(net.losses(feats, ys), shared=net.trunk[2].weight)
+    assert torch.equal(bal.weights, clone.weights)
+    restored = lb.GradNorm(4, alpha=1.5).double()
+    restored.load_state_dict(bal.state_dict())
+    for b in (bal, restored):
+        feats = b.tap(net.trunk(x))
+        b.backward(net.losses(feats, ys), shared=net.trunk[2].weight)
+    assert torch.equal(bal.weights, restored.weights)
+
+
+def test_old_graph_backpropagated_again_does_not_write_into_this_step(backend):
+    # hooks stay on the nodes of earlier steps; a second backward through such a graph
+    # (retain_graph) while a later step is in progress must not touch that step's norms
+    torch.manual_seed(0)
+    net = Net()
+    x, ys = torch.randn(20, 6, dtype=torch.float64), [
+        torch.randn(20, 2, dtype=torch.float64) for _ in range(4)]
+    shared = [net.trunk[2].weight]
+    cap = Capture(Workspace(), None)
+
+    def begin(h, losses):
+        pattern = linear_pattern(h, shared)
+        assert cap.walk(losses, h, shared, edges_of(shared), pattern, False) is None
+        cap.begin(h, shared, pattern)
+
+    h_old = net.trunk(x)
+    old = net.losses((h_old,) * 4, ys)
+    begin(h_old, old)
+    torch.autograd.backward(torch.stack(old).sum(), retain_graph=True)
+    cap.finish()
+    cap.end()
+    assert cap.native is None and (cap._native is not None) == (backend == "native")
+    h_new = net.trunk(x * 2)
+    new = net.losses((h_new,) * 4, ys)
+    begin(h_new, new)
+    try:
+        torch.autograd.backward(torch.stack(old).sum())  # the old step's hooks fire again
+        torch.autograd.backward(torch.stack(new).sum(), retain_graph=True)
+        norms = cap.finish()
+    finally:
+        cap.end()
+    ref = torch.stack([torch.linalg.vector_norm(torch.autograd.grad(
+        loss, shared[0], retain_graph=True)[0]) for loss in new])
+    torch.testing.assert_close(norms, ref)
+
+
+def test_failed_build_warns_once_and_runs_the_python_code(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension 'x'\nfake.cpp:1: error: no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_module", None)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert _native.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.load() is None  # once
+    torch.manual_seed(0)
+    net = Net()
+    x, ys = torch.randn(20, 6, dtype=torch.float64), [
+        torch.randn(20, 2, dtype=torch.float64) for _ in range(4)]
+    bal = lb.GradNorm(4).double()
+    for _ in range(3):
+        feats = bal.tap(net.trunk(x))
+        bal.backward(net.losses(feats, ys), shared=net.trunk[2].weight)
+    assert bal._capture._native is None
+    assert torch.isfinite(bal.weights).all()
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "0")
+    assert _native.load() is None
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "off")
+    assert not _native.enabled()
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "1")
+    assert _native.enabled()
