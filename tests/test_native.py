@@ -261,3 +261,25 @@ def test_disabled_by_environment(monkeypatch):
     assert not _native.enabled()
     monkeypatch.setenv("LOSSBALANCE_NATIVE", "1")
     assert _native.enabled()
+
+
+@pytest.mark.parametrize("graph", ["plain", "tied", "no-bias", "sequence", "tied-sequence"])
+@pytest.mark.parametrize("which", ["W", "b"])
+def test_walk_below_the_layer_agrees_with_python(graph, which):
+    # linear_pattern refuses a layer whose parameters are also used below it; the C++ walk
+    # (used_below) must find the same
+    torch.manual_seed(0)
+    bias = graph != "no-bias"
+    lin = nn.Linear(5, 5, bias=bias).double()
+    if which == "b" and not bias:
+        pytest.skip("no bias to share")
+    shape = (3, 4, 5) if "sequence" in graph else (7, 5)
+    x = torch.randn(*shape, dtype=torch.float64)
+    inner = torch.relu(lin(x)) if graph.startswith("tied") else torch.tanh(x * 2)
+    h = torch.relu(lin(inner))
+    shared = [lin.weight if which == "W" else lin.bias]
+    native = Capture(Workspace(), None).native_capture()
+    assert native is not None
+    python = linear_pattern(h, shared)
+    cpp = linear_pattern(h, shared, native=native)
+    assert (python is None) == (cpp is None) == graph.startswith("tied")

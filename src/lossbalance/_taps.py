@@ -83,8 +83,8 @@ def _joint_norms(grads: Sequence[Tensor | None], num_tasks: int, like: Tensor) -
     return torch.linalg.vector_norm(torch.stack(present, dim=1), dim=1)
 
 
-def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None = None
-                   ) -> tuple[list, Tensor, dict] | None:
+def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None = None,
+                   native: Any = None) -> tuple[list, Tensor, dict] | None:
     """Match h = act_k(...act_1(x @ W.T + b)) with ``shared`` among {W, b}.
 
     ``nn.Linear`` on inputs with more than two dimensions ([B, L, in]: sequences, tokens)
@@ -94,7 +94,8 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None =
     that form; the caller then uses the generic VJP. A match also proves that h reaches every
     tensor of ``shared``. It is refused when a shared tensor is also used below the layer
     (tied weights, a recurrent trunk), where delta_i^T x would be only part of its gradient;
-    telling that needs a walk of the graph below the layer (a few us a node).
+    telling that needs a walk of the graph below the layer (a few us a node in Python; the
+    C++ capture ``native``, when given, walks it).
     """
     if h.dim() < 2 or not shared:
         return None
@@ -103,7 +104,8 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None =
     while node is not None and type(node).__name__ in _ELEMENTWISE:
         acts.append(node)
         node = node.next_functions[0][0]
-    if node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0"):
+    viewed = node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0")
+    if viewed:
         node = node.next_functions[0][0]  # the [B*L, out] result viewed as [B, L, out]
     elif h.dim() != 2:
         return None
@@ -133,9 +135,13 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None =
     x = node._saved_mat1 if kind == "AddmmBackward0" else node._saved_self
     if x is None or x.dim() != 2 or h.numel() != x.shape[0] * h.shape[-1]:
         return None  # h must be the matmul's [rows, out] result, rows split at most
-    x_node = node.next_functions[1 if kind == "AddmmBackward0" else 0][0]
-    edges = _graph.edges_of(shared) if edges is None else edges  # the shared tensors' edges
-    if _graph.reached_from(x_node, edges, first=True):
+    x_input = 1 if kind == "AddmmBackward0" else 0
+    if native is not None:
+        below = native.used_below(h, len(acts) + viewed, x_input, list(shared))
+    else:
+        edges = _graph.edges_of(shared) if edges is None else edges  # the shared tensors'
+        below = bool(_graph.reached_from(node.next_functions[x_input][0], edges, first=True))
+    if below:
         return None  # a shared tensor is used below this layer too
     return acts, x, roles
 
@@ -217,7 +223,7 @@ class Capture:
         walks and hooks when it serves the step's mode: norms at h, or at one ``nn.Linear``
         weight no wider than the batch without kept vectors; otherwise the Python walk runs.
         """
-        native = self._native_capture() if _native_serves(shared, pattern, vectors) else None
+        native = self.native_capture() if _native_serves(shared, pattern, vectors) else None
         if native is not None:
             problem = native.walk(list(losses), h, list(shared))
             if problem is None or problem[0] != "python":
@@ -227,7 +233,8 @@ class Capture:
         self._walked = consumers
         return problem
 
-    def _native_capture(self) -> Any:
+    def native_capture(self) -> Any:
+        """The C++ capture object (made on first use), or None."""
         if not self._native_made:
             self._native, self._native_made = _native.new_capture(), True
         return self._native
@@ -239,15 +246,25 @@ class Capture:
         ``per_task_vectors`` for the layout), for the exact combination over micro-batches
         or processes."""
         walked, self._walked = self._walked, None
-        native = None if isinstance(walked, list) else walked
-        consumers = walked if native is None else None
-        num_tasks = len(consumers) if native is None else native.num_consumers()
         self.h, self.shared, self.pattern = h, list(shared), pattern
         self.norm_dtype = _norm_dtype(h)
-        self.done = [False] * num_tasks
-        self.remaining = [] if consumers is None else [len(edges) for edges in consumers]
-        self.out, self.rows = self.workspace.rows("norms", (num_tasks,), h, self.norm_dtype)
         self.mode = "h" if not self.shared else ("linear" if pattern is not None else "vjp")
+        if not isinstance(walked, list):  # the C++ capture walked; it hooks too
+            num_tasks = walked.num_consumers()
+            self.out = self.workspace.get("norms", (num_tasks,), h, self.norm_dtype)
+            if self.mode == "h":
+                walked.begin_h(h, self.out, self.norm_dtype)
+            else:
+                self._begin_linear(h, num_tasks)
+                walked.begin_linear(h, self.out, self.norm_dtype, self.delta_rows,
+                                    list(self.slots), self.x, self.dw, self.relu_out, self.jac)
+            self.native, self.active = walked, True
+            return
+        consumers = walked
+        num_tasks = len(consumers)
+        self.done = [False] * num_tasks
+        self.remaining = [len(edges) for edges in consumers]
+        self.out, self.rows = self.workspace.rows("norms", (num_tasks,), h, self.norm_dtype)
         self._take = {"h": self._take_h, "vjp": self._take_vjp,
                       "linear": self._take_linear}[self.mode]
         if vectors and self.mode != "h":
@@ -255,14 +272,6 @@ class Capture:
             self.vectors = self.workspace.get("vectors", (num_tasks, size), h, self.norm_dtype)
         if self.mode == "linear":
             self._begin_linear(h, num_tasks)
-        if native is not None:
-            if self.mode == "h":
-                native.begin_h(h, self.out, self.norm_dtype)
-            else:
-                native.begin_linear(h, self.out, self.norm_dtype, self.delta_rows,
-                                    list(self.slots), self.x, self.dw, self.relu_out, self.jac)
-            self.native, self.active = native, True
-            return
         self.generation += 1
         for i, edges in enumerate(consumers):
             single = len(edges) == 1
@@ -399,8 +408,10 @@ class Capture:
     def finish(self) -> Tensor:
         """G_i for every task, once the backward has run all the hooks (a new tensor)."""
         if self.native is not None:
-            missing, order = self.native.finish()
-            self.order = order
+            norms = self.native.finish()  # or the tasks not seen
+            if isinstance(norms, Tensor):
+                return norms
+            missing = norms
         else:
             if self.mode == "linear":
                 with torch.no_grad():

@@ -212,8 +212,9 @@ class NativeCapture {
     hook();
   }
 
-  // Flushes the last chunk; returns (tasks whose gradient was not seen, fill order).
-  std::pair<std::vector<int64_t>, std::vector<int64_t>> finish() {
+  // Flushes the last chunk. Returns the norms G_i in task order (a new tensor), or, when a
+  // task's gradient was not seen, the list of those tasks (the caller raises).
+  py::object finish() {
     Step& s = *step_;
     std::lock_guard<std::mutex> guard(s.lock);
     if (s.linear) {
@@ -224,7 +225,59 @@ class NativeCapture {
     for (int64_t i = 0; i < static_cast<int64_t>(s.done.size()); ++i) {
       if (!s.done[i]) missing.push_back(i);
     }
-    return {missing, s.order};
+    if (!missing.empty()) return py::cast(missing);
+    if (!s.linear) return py::cast(s.out.clone());
+    // the chunks' norms sit in fill order: norms[order[j]] = out[j]
+    const int64_t n = static_cast<int64_t>(s.order.size());
+    if (!s.out.device().is_cpu()) {
+      std::vector<int64_t> inverse(n);
+      for (int64_t j = 0; j < n; ++j) inverse[s.order[j]] = j;
+      at::Tensor index = at::tensor(inverse, at::TensorOptions().dtype(at::kLong));
+      return py::cast(s.out.index_select(0, index.to(s.out.device())));
+    }
+    at::Tensor norms = at::empty_like(s.out);
+    AT_DISPATCH_FLOATING_TYPES(s.out.scalar_type(), "finish", [&] {
+      const scalar_t* src = s.out.const_data_ptr<scalar_t>();
+      scalar_t* dst = norms.data_ptr<scalar_t>();
+      for (int64_t j = 0; j < n; ++j) dst[s.order[j]] = src[j];
+    });
+    return py::cast(norms);
+  }
+
+  // Whether a walk from the input of the matmul below h reaches a shared tensor (tied
+  // weights, a recurrent trunk), as lossbalance._graph.reached_from from that input's node:
+  // h's grad_fn, `skip` nodes down through input 0 (the activations, a view), is the
+  // matmul, whose input `input` is the layer's input x.
+  bool used_below(const at::Tensor& h, int64_t skip, int64_t input,
+                  const std::vector<at::Tensor>& shared) {
+    Node* node = h.grad_fn().get();
+    for (int64_t k = 0; k < skip && node != nullptr; ++k) {
+      node = node->next_edges()[0].function.get();
+    }
+    TORCH_CHECK(node != nullptr && input < static_cast<int64_t>(node->next_edges().size()),
+                "used_below: not the matmul below h");
+    Node* start = node->next_edges()[input].function.get();
+    if (start == nullptr) return false;
+    std::vector<std::pair<const Node*, uint32_t>> targets;
+    for (const auto& t : shared) {
+      const Edge e = torch::autograd::impl::gradient_edge(t);
+      targets.emplace_back(e.function.get(), e.input_nr);
+    }
+    std::unordered_set<const Node*> seen{start};
+    std::vector<Node*> stack{start};
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      for (const auto& e : n->next_edges()) {
+        Node* next = e.function.get();
+        if (next == nullptr) continue;
+        for (const auto& target : targets) {
+          if (target.first == next && target.second == e.input_nr) return true;
+        }
+        if (seen.insert(next).second) stack.push_back(next);
+      }
+    }
+    return false;
   }
 
   void end() {
@@ -288,5 +341,6 @@ void bind_capture(py::module_& m) {
       .def("begin_h", &NativeCapture::begin_h)
       .def("begin_linear", &NativeCapture::begin_linear)
       .def("finish", &NativeCapture::finish)
+      .def("used_below", &NativeCapture::used_below)
       .def("end", &NativeCapture::end);
 }

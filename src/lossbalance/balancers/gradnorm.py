@@ -220,7 +220,7 @@ class GradNorm(Balancer):
         ``nn.Linear`` pattern of h when it matches (see ``_taps.linear_pattern``).
         """
         edges = self._shared_edges(shared) if shared else []
-        pattern = linear_pattern(tap.h, shared, edges)
+        pattern = linear_pattern(tap.h, shared, edges, self._capture.native_capture())
         problem = self._capture.walk(losses, tap.h, shared, edges, pattern, vectors)
         if problem is not None:
             if problem[0] == "bypass":
