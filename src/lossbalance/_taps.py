@@ -215,7 +215,7 @@ class Capture:
         return state
 
     def walk(self, losses: Sequence[Tensor], h: Tensor, shared: Sequence[Tensor],
-             edges: Sequence, pattern: tuple[list, Tensor, dict] | None, vectors: bool
+             edges: Sequence | None, pattern: tuple[list, Tensor, dict] | None, vectors: bool
              ) -> tuple | None:
         """Find each loss's nodes that read h (``_graph.consumers_of``), for ``begin``.
 
@@ -229,6 +229,8 @@ class Capture:
             if problem is None or problem[0] != "python":
                 self._walked = native
                 return problem
+        if edges is None:
+            edges = _graph.edges_of(shared)
         consumers, problem = _graph.consumers_of(losses, h, edges)
         self._walked = consumers
         return problem

@@ -219,8 +219,13 @@ class GradNorm(Balancer):
         The capture keeps the consumer nodes of h per task for ``begin``; returns the
         ``nn.Linear`` pattern of h when it matches (see ``_taps.linear_pattern``).
         """
-        edges = self._shared_edges(shared) if shared else []
-        pattern = linear_pattern(tap.h, shared, edges, self._capture.native_capture())
+        native = self._capture.native_capture()
+        if native is None:
+            edges = self._shared_edges(shared) if shared else []
+        else:  # the C++ walks find the edges themselves
+            self._check_requires_grad(shared)
+            edges = None
+        pattern = linear_pattern(tap.h, shared, edges, native)
         problem = self._capture.walk(losses, tap.h, shared, edges, pattern, vectors)
         if problem is not None:
             if problem[0] == "bypass":
@@ -261,11 +266,14 @@ class GradNorm(Balancer):
 
     @staticmethod
     def _shared_edges(shared: list[Tensor]) -> list:
-        edges = _graph.edges_of(shared)
-        for k, edge in enumerate(edges):
-            if edge is None:
+        GradNorm._check_requires_grad(shared)
+        return _graph.edges_of(shared)
+
+    @staticmethod
+    def _check_requires_grad(shared: list[Tensor]) -> None:
+        for k, t in enumerate(shared):
+            if not t.requires_grad:
                 raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
-        return edges
 
     def _check_shared_reached(
         self, roots: list[Tensor], shared: list[Tensor], what: str, edges: list | None = None
