@@ -257,9 +257,7 @@ class Capture:
             if self.mode == "h":
                 walked.begin_h(h, self.out, self.norm_dtype)
             else:
-                self._begin_linear(h, num_tasks)
-                walked.begin_linear(h, self.out, self.norm_dtype, self.delta_rows,
-                                    list(self.slots), self.x, self.dw, self.relu_out, self.jac)
+                self._begin_linear(h, num_tasks, walked)
             self.native, self.active = walked, True
             return
         consumers = walked
@@ -282,12 +280,10 @@ class Capture:
                     self._make_hook(i, k, single, self.generation))
         self.active = True
 
-    def _begin_linear(self, h: Tensor, num_tasks: int) -> None:
+    def _begin_linear(self, h: Tensor, num_tasks: int, native: Any = None) -> None:
         acts, x, roles = self.pattern  # type: ignore[misc]
         self.chunk = max(1, min(self.chunk_size or auto_chunk(num_tasks), num_tasks))
-        self.delta, self.slots = self.workspace.rows("delta", (self.chunk, *h.shape), h)
-        self.delta_rows = self.delta.view(self.chunk, x.shape[0], h.shape[-1])  # [n, rows, out]
-        self.pos, self.x = 0, x
+        self.x = x
         if len(acts) == 1 and type(acts[0]).__name__ == "ReluBackward0":
             # act'(z) = [h > 0]: delta_i = relu's own backward of g_i, no Jacobian kept
             self.relu_out = acts[0]._saved_result.detach()
@@ -298,6 +294,15 @@ class Capture:
                     jac = node(jac)
             self.jac = jac
         batch, fan_in = x.shape
+        if native is not None:  # it serves one weight no wider than the batch only
+            delta = self.workspace.get("delta", (self.chunk, *h.shape), h)
+            self.dw = self.workspace.get("dw", (self.chunk, h.shape[-1], fan_in), h)
+            native.begin_linear(h, self.out, self.norm_dtype, delta, x, self.dw,
+                                self.relu_out, self.jac)
+            return
+        self.delta, self.slots = self.workspace.rows("delta", (self.chunk, *h.shape), h)
+        self.delta_rows = self.delta.view(self.chunk, x.shape[0], h.shape[-1])  # [n, rows, out]
+        self.pos = 0
         if (len(self.shared) == 1 and roles[id(self.shared[0])] == "weight" and batch >= fan_in
                 and self.vectors is None):
             self.dw = self.workspace.get("dw", (self.chunk, h.shape[-1], fan_in), h)

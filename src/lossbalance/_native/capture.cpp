@@ -195,15 +195,21 @@ class NativeCapture {
   }
 
   // Norms at an nn.Linear weight W upstream of h = act(x W^T + b): see Step::flush.
+  // `delta` is the kept [chunk, *h.shape] buffer; its rows and its [chunk, rows, out]
+  // view are made again only when it changes.
   void begin_linear(const at::Tensor& h, const at::Tensor& out, at::ScalarType norm_dtype,
-                    const at::Tensor& delta_rows, std::vector<at::Tensor> slots,
-                    const at::Tensor& x, const at::Tensor& dw,
+                    const at::Tensor& delta, const at::Tensor& x, const at::Tensor& dw,
                     const c10::optional<at::Tensor>& relu_out,
                     const c10::optional<at::Tensor>& jac) {
     Step& s = reset(h, out, norm_dtype);
     s.linear = true;
-    s.delta_rows = delta_rows;
-    s.slots = std::move(slots);
+    if (!delta_.defined() || !delta_.is_same(delta) || delta_rows_.size(1) != x.size(0)) {
+      delta_ = delta;
+      slots_ = delta.unbind(0);
+      delta_rows_ = delta.view({delta.size(0), x.size(0), h.size(-1)});
+    }
+    s.delta_rows = delta_rows_;
+    s.slots = slots_;
     s.chunk = static_cast<int64_t>(s.slots.size());
     s.x = x;
     s.dw = dw;
@@ -329,6 +335,8 @@ class NativeCapture {
 
   std::shared_ptr<Step> step_;
   Consumers consumers_;
+  at::Tensor delta_, delta_rows_;  // the chunk buffer last seen, and its views
+  std::vector<at::Tensor> slots_;
 };
 
 }  // namespace
