@@ -348,7 +348,7 @@ class Capture:
         else:
             slot.copy_(g)
         filled.append(i)
-        if len(filled) == self.chunk:
+        if len(filled) == self.chunk or self.pos + len(filled) == len(self.done):
             self._flush()
 
     def _flush(self) -> None:

@@ -60,7 +60,9 @@ struct Step {
       slot.copy_(g);
     }
     filled.push_back(i);
-    if (static_cast<int64_t>(filled.size()) == chunk) flush();
+    // a full chunk, or the last task: flush now, while delta is still in the cache
+    const int64_t n = static_cast<int64_t>(filled.size());
+    if (n == chunk || pos + n == static_cast<int64_t>(done.size())) flush();
   }
 
   void flush() {
