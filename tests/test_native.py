@@ -263,23 +263,57 @@ def test_disabled_by_environment(monkeypatch):
     assert _native.enabled()
 
 
-@pytest.mark.parametrize("graph", ["plain", "tied", "no-bias", "sequence", "tied-sequence"])
-@pytest.mark.parametrize("which", ["W", "b"])
-def test_walk_below_the_layer_agrees_with_python(graph, which):
-    # linear_pattern refuses a layer whose parameters are also used below it; the C++ walk
-    # (used_below) must find the same
+def _graphs():
+    """h for each kind of last shared layer, with its nn.Linear (or None)."""
     torch.manual_seed(0)
-    bias = graph != "no-bias"
-    lin = nn.Linear(5, 5, bias=bias).double()
-    if which == "b" and not bias:
+    x = torch.randn(7, 5, dtype=torch.float64)
+    seq = torch.randn(3, 4, 5, dtype=torch.float64)
+
+    def lin(bias=True):
+        return nn.Linear(5, 5, bias=bias).double()
+
+    a, b, c, d, e, f, g = (lin() for _ in range(7))
+    nb = lin(bias=False)
+    return {
+        "relu": (torch.relu(a(torch.tanh(x))), a),
+        "tanh": (torch.tanh(b(x)), b),
+        "gelu-relu": (torch.relu(F.gelu(c(x))), c),  # two activations: the Jacobian
+        "identity": (d(x), d),
+        "no-bias": (torch.relu(nb(x)), nb),
+        "sequence": (torch.relu(e(seq)), e),
+        "tied": (torch.relu(f(torch.relu(f(x)))), f),  # the same layer twice
+        "alpha": (torch.relu(torch.addmm(g.bias, x, g.weight.T, alpha=2.0)), g),
+        "not-linear": (torch.relu(x * a.weight.sum()), a),
+    }
+
+
+@pytest.mark.parametrize("graph", list(_graphs()))
+@pytest.mark.parametrize("which", ["W", "b", "Wb"])
+def test_linear_match_agrees_with_python(graph, which):
+    # the C++ match (match_linear) against linear_pattern's Python one: same x, roles and
+    # act'(z), and None for the same graphs (tied weights, alpha != 1, no nn.Linear)
+    h, layer = _graphs()[graph]
+    if which != "W" and layer.bias is None:
         pytest.skip("no bias to share")
-    shape = (3, 4, 5) if "sequence" in graph else (7, 5)
-    x = torch.randn(*shape, dtype=torch.float64)
-    inner = torch.relu(lin(x)) if graph.startswith("tied") else torch.tanh(x * 2)
-    h = torch.relu(lin(inner))
-    shared = [lin.weight if which == "W" else lin.bias]
+    shared = {"W": [layer.weight], "b": [layer.bias], "Wb": [layer.weight, layer.bias]}[which]
     native = Capture(Workspace(), None).native_capture()
     assert native is not None
     python = linear_pattern(h, shared)
     cpp = linear_pattern(h, shared, native=native)
-    assert (python is None) == (cpp is None) == graph.startswith("tied")
+    assert (python is None) == (cpp is None)
+    assert (python is None) == (graph in ("tied", "alpha", "not-linear"))
+    if python is None:
+        return
+    assert torch.equal(python.x, cpp.x)
+    assert [python.roles[id(p)] for p in shared] == [cpp.roles[id(p)] for p in shared]
+    acts = python.acts
+    if len(acts) == 1 and type(acts[0]).__name__ == "ReluBackward0":
+        assert torch.equal(cpp.relu_out, acts[0]._saved_result) and cpp.jac is None
+    elif acts:
+        with torch.no_grad():
+            jac = torch.ones_like(h)
+            for node in acts:
+                jac = node(jac)
+        assert torch.equal(cpp.jac, jac) and cpp.relu_out is None
+    else:
+        assert cpp.relu_out is None and cpp.jac is None

@@ -25,7 +25,7 @@ network it measured 2.8x the plain step at T=10 and 10.8x at T=64, the loop 1.8x
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,6 +46,19 @@ _ELEMENTWISE = frozenset(
         "HardtanhBackward0",
     }
 )
+
+
+class LinearPattern(NamedTuple):
+    """h = act(x @ W.T + b) as ``linear_pattern`` matched it: the activation nodes (from the
+    Python match; None from the C++ one, which gives act'(z) itself), the layer's input x,
+    the role of each shared tensor ({id: "weight" | "bias"}), and act'(z) as ReLU's output
+    (one ReLU) or as the activation chain's VJP of ones (None when not known yet)."""
+
+    acts: list | None
+    x: Tensor
+    roles: dict[int, str]
+    relu_out: Tensor | None = None
+    jac: Tensor | None = None
 
 
 class Tap:
@@ -84,7 +97,7 @@ def _joint_norms(grads: Sequence[Tensor | None], num_tasks: int, like: Tensor) -
 
 
 def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None = None,
-                   native: Any = None) -> tuple[list, Tensor, dict] | None:
+                   native: Any = None) -> LinearPattern | None:
     """Match h = act_k(...act_1(x @ W.T + b)) with ``shared`` among {W, b}.
 
     ``nn.Linear`` on inputs with more than two dimensions ([B, L, in]: sequences, tokens)
@@ -94,18 +107,24 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None =
     that form; the caller then uses the generic VJP. A match also proves that h reaches every
     tensor of ``shared``. It is refused when a shared tensor is also used below the layer
     (tied weights, a recurrent trunk), where delta_i^T x would be only part of its gradient;
-    telling that needs a walk of the graph below the layer (a few us a node in Python; the
-    C++ capture ``native``, when given, walks it).
+    telling that needs a walk of the graph below the layer (a few us a node in Python).
+    With ``native`` (the C++ capture) the same match runs in C++.
     """
     if h.dim() < 2 or not shared:
         return None
+    if native is not None:
+        match = native.match_linear(h, list(shared))
+        if match is None:
+            return None
+        x, roles, relu_out, jac = match
+        return LinearPattern(None, x, {id(p): r for p, r in zip(shared, roles, strict=True)},
+                             relu_out, jac)
     node = h.grad_fn
     acts = []
     while node is not None and type(node).__name__ in _ELEMENTWISE:
         acts.append(node)
         node = node.next_functions[0][0]
-    viewed = node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0")
-    if viewed:
+    if node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0"):
         node = node.next_functions[0][0]  # the [B*L, out] result viewed as [B, L, out]
     elif h.dim() != 2:
         return None
@@ -135,15 +154,11 @@ def linear_pattern(h: Tensor, shared: Sequence[Tensor], edges: Sequence | None =
     x = node._saved_mat1 if kind == "AddmmBackward0" else node._saved_self
     if x is None or x.dim() != 2 or h.numel() != x.shape[0] * h.shape[-1]:
         return None  # h must be the matmul's [rows, out] result, rows split at most
-    x_input = 1 if kind == "AddmmBackward0" else 0
-    if native is not None:
-        below = native.used_below(h, len(acts) + viewed, x_input, list(shared))
-    else:
-        edges = _graph.edges_of(shared) if edges is None else edges  # the shared tensors'
-        below = bool(_graph.reached_from(node.next_functions[x_input][0], edges, first=True))
-    if below:
+    x_node = node.next_functions[1 if kind == "AddmmBackward0" else 0][0]
+    edges = _graph.edges_of(shared) if edges is None else edges  # the shared tensors' edges
+    if _graph.reached_from(x_node, edges, first=True):
         return None  # a shared tensor is used below this layer too
-    return acts, x, roles
+    return LinearPattern(acts, x, roles)
 
 
 class Workspace:
@@ -215,7 +230,7 @@ class Capture:
         return state
 
     def walk(self, losses: Sequence[Tensor], h: Tensor, shared: Sequence[Tensor],
-             edges: Sequence | None, pattern: tuple[list, Tensor, dict] | None, vectors: bool
+             edges: Sequence | None, pattern: LinearPattern | None, vectors: bool
              ) -> tuple | None:
         """Find each loss's nodes that read h (``_graph.consumers_of``), for ``begin``.
 
@@ -242,7 +257,7 @@ class Capture:
         return self._native
 
     def begin(self, h: Tensor, shared: Sequence[Tensor],
-              pattern: tuple[list, Tensor, dict] | None, vectors: bool = False) -> None:
+              pattern: LinearPattern | None, vectors: bool = False) -> None:
         """Hook the consumer nodes that ``walk`` found. ``vectors``: also keep each task's
         gradient at the shared parameters, as row i of ``self.vectors`` [T, P] (see
         ``per_task_vectors`` for the layout), for the exact combination over micro-batches
@@ -281,10 +296,12 @@ class Capture:
         self.active = True
 
     def _begin_linear(self, h: Tensor, num_tasks: int, native: Any = None) -> None:
-        acts, x, roles = self.pattern  # type: ignore[misc]
+        acts, x, roles, self.relu_out, self.jac = self.pattern  # type: ignore[misc]
         self.chunk = max(1, min(self.chunk_size or auto_chunk(num_tasks), num_tasks))
         self.x = x
-        if len(acts) == 1 and type(acts[0]).__name__ == "ReluBackward0":
+        if acts is None:  # the C++ match gave act'(z)
+            pass
+        elif len(acts) == 1 and type(acts[0]).__name__ == "ReluBackward0":
             # act'(z) = [h > 0]: delta_i = relu's own backward of g_i, no Jacobian kept
             self.relu_out = acts[0]._saved_result.detach()
         elif acts:
@@ -377,7 +394,7 @@ class Capture:
 
     def _chunk_vectors(self, delta: Tensor) -> Tensor:
         """[n, P]: dW_i = delta_i^T x and db_i = sum_b delta_i, flattened in ``shared``'s order."""
-        _, x, roles = self.pattern  # type: ignore[misc]
+        x, roles = self.pattern.x, self.pattern.roles  # type: ignore[union-attr]
         n = delta.shape[0]
         parts = [
             torch.matmul(delta.transpose(1, 2), x).reshape(n, -1)
@@ -388,7 +405,7 @@ class Capture:
 
     def _chunk_norms(self, delta: Tensor) -> Tensor:
         """||dW_i||, ||db_i|| (jointly) from delta_i, for any mix of weight and bias."""
-        _, x, roles = self.pattern  # type: ignore[misc]
+        x, roles = self.pattern.x, self.pattern.roles  # type: ignore[union-attr]
         n = delta.shape[0]
         batch, fan_in = x.shape
         parts = []
@@ -467,7 +484,7 @@ class Capture:
         self.order.clear()
 
 
-def _native_serves(shared: Sequence[Tensor], pattern: tuple[list, Tensor, dict] | None,
+def _native_serves(shared: Sequence[Tensor], pattern: LinearPattern | None,
                    vectors: bool) -> bool:
     """Whether the C++ capture serves the mode: norms at h, or at one ``nn.Linear`` weight
     no wider than the batch (one matmul a chunk) when no per-task vectors are kept."""
@@ -475,8 +492,8 @@ def _native_serves(shared: Sequence[Tensor], pattern: tuple[list, Tensor, dict] 
         return True
     if pattern is None or vectors or len(shared) != 1:
         return False
-    _, x, roles = pattern
-    return roles[id(shared[0])] == "weight" and x.shape[0] >= x.shape[1]
+    x = pattern.x
+    return pattern.roles[id(shared[0])] == "weight" and x.shape[0] >= x.shape[1]
 
 
 def auto_chunk(num_tasks: int) -> int:

@@ -13,6 +13,7 @@
 #include <torch/python.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/generated/Functions.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <cstdint>
@@ -119,6 +120,41 @@ struct TaskHook : FunctionPostHook {
 
 // the pointer type autograd holds nodes by (an intrusive or a shared pointer by version)
 using NodePtr = std::decay_t<decltype(std::declval<Node&>().getptr())>;
+// Element-wise activations whose Jacobian is diagonal (lossbalance._taps._ELEMENTWISE).
+bool is_elementwise(const std::string& name) {
+  static const std::unordered_set<std::string> names = {
+      "ReluBackward0", "LeakyReluBackward0", "TanhBackward0",     "SigmoidBackward0",
+      "GeluBackward0", "EluBackward0",       "SiluBackward0",     "SoftplusBackward0",
+      "HardtanhBackward0"};
+  return names.count(name) > 0;
+}
+
+// Whether a walk from `start` reaches the gradient edge of a tensor of `shared`
+// (lossbalance._graph.reached_from with first=True).
+bool reaches(Node* start, const std::vector<at::Tensor>& shared) {
+  if (start == nullptr) return false;
+  std::vector<std::pair<const Node*, uint32_t>> targets;
+  for (const auto& t : shared) {
+    const Edge e = torch::autograd::impl::gradient_edge(t);
+    targets.emplace_back(e.function.get(), e.input_nr);
+  }
+  std::unordered_set<const Node*> seen{start};
+  std::vector<Node*> stack{start};
+  while (!stack.empty()) {
+    Node* n = stack.back();
+    stack.pop_back();
+    for (const auto& e : n->next_edges()) {
+      Node* next = e.function.get();
+      if (next == nullptr) continue;
+      for (const auto& target : targets) {
+        if (target.first == next && target.second == e.input_nr) return true;
+      }
+      if (seen.insert(next).second) stack.push_back(next);
+    }
+  }
+  return false;
+}
+
 using Consumers = std::vector<std::vector<std::pair<NodePtr, int64_t>>>;
 
 class NativeCapture {
@@ -252,40 +288,71 @@ class NativeCapture {
     return py::cast(norms);
   }
 
-  // Whether a walk from the input of the matmul below h reaches a shared tensor (tied
-  // weights, a recurrent trunk), as lossbalance._graph.reached_from from that input's node:
-  // h's grad_fn, `skip` nodes down through input 0 (the activations, a view), is the
-  // matmul, whose input `input` is the layer's input x.
-  bool used_below(const at::Tensor& h, int64_t skip, int64_t input,
-                  const std::vector<at::Tensor>& shared) {
+  // lossbalance._taps.linear_pattern in C++: h = act_k(...act_1(x @ W.T + b)), or that
+  // matmul's [B*L, out] result viewed as [B, L, out], with every shared tensor W or b and
+  // neither used below the layer. Returns None, or (x, roles, relu_out, jac): the layer's
+  // input, "weight"/"bias" per shared tensor, and act'(z) as ReLU's saved output (one ReLU)
+  // or as the activation chain's VJP of ones (other element-wise activations), else None.
+  py::object match_linear(const at::Tensor& h, const std::vector<at::Tensor>& shared) {
+    if (h.dim() < 2 || shared.empty()) return py::none();
     Node* node = h.grad_fn().get();
-    for (int64_t k = 0; k < skip && node != nullptr; ++k) {
+    std::vector<Node*> acts;
+    while (node != nullptr && is_elementwise(node->name())) {
+      acts.push_back(node);
       node = node->next_edges()[0].function.get();
     }
-    TORCH_CHECK(node != nullptr && input < static_cast<int64_t>(node->next_edges().size()),
-                "used_below: not the matmul below h");
-    Node* start = node->next_edges()[input].function.get();
-    if (start == nullptr) return false;
-    std::vector<std::pair<const Node*, uint32_t>> targets;
-    for (const auto& t : shared) {
-      const Edge e = torch::autograd::impl::gradient_edge(t);
-      targets.emplace_back(e.function.get(), e.input_nr);
+    if (node != nullptr &&
+        (node->name() == "ViewBackward0" || node->name() == "UnsafeViewBackward0")) {
+      node = node->next_edges()[0].function.get();
+    } else if (h.dim() != 2) {
+      return py::none();
     }
-    std::unordered_set<const Node*> seen{start};
-    std::vector<Node*> stack{start};
-    while (!stack.empty()) {
-      Node* n = stack.back();
-      stack.pop_back();
-      for (const auto& e : n->next_edges()) {
-        Node* next = e.function.get();
-        if (next == nullptr) continue;
-        for (const auto& target : targets) {
-          if (target.first == next && target.second == e.input_nr) return true;
-        }
-        if (seen.insert(next).second) stack.push_back(next);
+    if (node == nullptr) return py::none();
+    using torch::autograd::generated::AddmmBackward0;
+    using torch::autograd::generated::MmBackward0;
+    Node* bias_acc = nullptr;
+    Node* t_node = nullptr;
+    at::Tensor x;
+    int64_t x_input = 0;
+    if (auto* addmm = dynamic_cast<AddmmBackward0*>(node)) {
+      if (!(addmm->alpha.equal(1) && addmm->beta.equal(1))) return py::none();
+      bias_acc = node->next_edges()[0].function.get();
+      t_node = node->next_edges()[2].function.get();
+      x = addmm->mat1_.unpack();
+      x_input = 1;
+    } else if (auto* mm = dynamic_cast<MmBackward0*>(node)) {
+      t_node = node->next_edges()[1].function.get();
+      x = mm->self_.unpack();
+    } else {
+      return py::none();
+    }
+    if (t_node == nullptr || t_node->name() != "TBackward0") return py::none();
+    Node* weight_acc = t_node->next_edges()[0].function.get();
+    std::vector<std::string> roles;
+    for (const auto& t : shared) {
+      const Node* acc = torch::autograd::impl::gradient_edge(t).function.get();
+      if (acc != nullptr && acc == weight_acc && weight_acc->name() == "torch::autograd::AccumulateGrad") {
+        roles.emplace_back("weight");
+      } else if (acc != nullptr && acc == bias_acc && bias_acc->name() == "torch::autograd::AccumulateGrad") {
+        roles.emplace_back("bias");
+      } else {
+        return py::none();
       }
     }
-    return false;
+    if (!x.defined() || x.dim() != 2 || h.numel() != x.size(0) * h.size(-1)) return py::none();
+    if (reaches(node->next_edges()[x_input].function.get(), shared)) return py::none();
+    py::object relu_out = py::none(), jac = py::none();
+    if (acts.size() == 1 && acts[0]->name() == "ReluBackward0") {
+      auto* relu = static_cast<torch::autograd::generated::ReluBackward0*>(acts[0]);
+      relu_out = py::cast(relu->result_.unpack(acts[0]->getptr()).detach());
+    } else if (!acts.empty()) {
+      at::NoGradGuard no_grad;
+      at::Tensor ones = at::ones_like(h);
+      variable_list grads{ones};
+      for (Node* act : acts) grads = (*act)(std::move(grads));
+      jac = py::cast(grads[0]);
+    }
+    return py::make_tuple(x, roles, relu_out, jac);
   }
 
   void end() {
@@ -351,6 +418,6 @@ void bind_capture(py::module_& m) {
       .def("begin_h", &NativeCapture::begin_h)
       .def("begin_linear", &NativeCapture::begin_linear)
       .def("finish", &NativeCapture::finish)
-      .def("used_below", &NativeCapture::used_below)
+      .def("match_linear", &NativeCapture::match_linear)
       .def("end", &NativeCapture::end);
 }

@@ -32,7 +32,15 @@ from torch import distributed as dist
 from .. import _checks, _graph, _native
 from .._adam import plain_adam_args, plain_adam_step
 from .._combine import Window, mean_over_processes, norms_over_processes, row_norms
-from .._taps import Capture, Tap, Workspace, linear_pattern, per_task_norms, per_task_vectors
+from .._taps import (
+    Capture,
+    LinearPattern,
+    Tap,
+    Workspace,
+    linear_pattern,
+    per_task_norms,
+    per_task_vectors,
+)
 from .base import Balancer, SharedLike, _like, _set
 
 
@@ -213,7 +221,7 @@ class GradNorm(Balancer):
 
     # ------------------------------------------------------------------ validation
     def _check_fast_graph(self, losses: list[Tensor], tap: Tap, shared: list[Tensor],
-                          vectors: bool) -> tuple[list, Tensor, dict] | None:
+                          vectors: bool) -> LinearPattern | None:
         """Each loss must reach h through operations of its own, and h every shared tensor.
 
         The capture keeps the consumer nodes of h per task for ``begin``; returns the
