@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 
+_NUMBERS = (float, int)  # plain Python numbers (a tensor learning rate is not)
+
 
 class AdamArgs(NamedTuple):
     """What one plain Adam step of a single tensor reads: its state and hyperparameters."""
@@ -30,19 +32,22 @@ def plain_adam_args(opt: torch.optim.Optimizer, p: Tensor) -> AdamArgs | None:
     differentiable, and no step hooks or wrapper of ``step`` (a learning-rate scheduler
     wraps it): anything else must run ``opt.step()``.
     """
-    state = opt.state.get(p)
-    if not state or type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+    if type(opt) is not torch.optim.Adam:
         return None
-    if ("step" in vars(opt)  # wrapped on the instance, e.g. by a learning-rate scheduler
+    state, groups = opt.state.get(p), opt.param_groups
+    if not state or len(groups) != 1:
+        return None
+    if ("step" in opt.__dict__  # wrapped on the instance, e.g. by a learning-rate scheduler
             or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
             or _torch_optimizer._global_optimizer_pre_hooks
             or _torch_optimizer._global_optimizer_post_hooks):
         return None
-    group = opt.param_groups[0]
+    group = groups[0]
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     if (group["amsgrad"] or group["weight_decay"] or group["maximize"]
             or group["capturable"] or group["differentiable"]
-            or not all(isinstance(v, float | int) for v in (lr, beta1, beta2, eps))):
+            or type(lr) not in _NUMBERS or type(beta1) not in _NUMBERS
+            or type(beta2) not in _NUMBERS or type(eps) not in _NUMBERS):
         return None
     return AdamArgs(state["step"], state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2,
                     eps, bool(group["fused"]))
