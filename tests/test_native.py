@@ -317,3 +317,31 @@ def test_linear_match_agrees_with_python(graph, which):
         assert torch.equal(cpp.jac, jac) and cpp.relu_out is None
     else:
         assert cpp.relu_out is None and cpp.jac is None
+
+
+@pytest.mark.parametrize("backend_", ["native", "python"])
+def test_a_refused_step_keeps_no_reference_to_its_graph(backend_, monkeypatch):
+    # a step refused after the graph walk (here: a window given shared= of another size)
+    # must not keep that step's autograd graph alive
+    import gc
+    import weakref
+
+    if backend_ == "python":
+        monkeypatch.setenv("LOSSBALANCE_NATIVE", "0")
+    torch.manual_seed(0)
+    net = Net()
+    x, ys = torch.randn(20, 6, dtype=torch.float64), [
+        torch.randn(20, 2, dtype=torch.float64) for _ in range(4)]
+    bal = lb.GradNorm(4, accumulation_steps=2).double()
+    feats = bal.tap(net.trunk(x))
+    bal.backward(net.losses(feats, ys), shared=net.trunk[2].weight)  # first of the window
+    leaf = torch.ones_like(x, requires_grad=True)
+    h = net.trunk(x * leaf)  # the graph saves leaf (the product's backward needs it)
+    ref = weakref.ref(leaf)
+    feats = bal.tap(h)
+    del leaf, h
+    with pytest.raises(ValueError, match="window"):
+        bal.backward(net.losses(feats, ys), shared=[net.trunk[2].weight, net.trunk[2].bias])
+    del feats
+    gc.collect()
+    assert ref() is None

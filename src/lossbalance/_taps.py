@@ -464,6 +464,13 @@ class Capture:
             self._orders[(tasks, invert)] = index
         return index
 
+    def release(self) -> None:
+        """After a failed step: drop what ``walk`` found too (it holds the step's graph)."""
+        self._walked = None
+        self.end()
+        if self._native is not None:
+            self._native.end()
+
     def end(self) -> None:
         """Drop this step's references (h, the layer input, gradients) after a step.
 

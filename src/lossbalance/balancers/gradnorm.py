@@ -514,6 +514,9 @@ class GradNorm(Balancer):
         """
         try:
             return super().backward(losses, shared, grad_scaler=grad_scaler, **signals)
+        except BaseException:
+            self._capture.release()  # nothing of a failed step's graph stays referenced
+            raise
         finally:
             _set(self, "_tap", None)  # a tap serves one step only
 
