@@ -6,6 +6,7 @@ both run in the same process, alternating plain / old / new and plain / new / ol
 
     git worktree add /tmp/before HEAD~1
     python benchmarks/compare_versions.py --old /tmp/before/src --new src --tasks 10 --where h
+    python benchmarks/compare_versions.py --old-python --tasks 10 --where h  # C++ vs Python step
 
 prints the median step time of each as a ratio to the plain equal-weights step.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -42,7 +44,10 @@ def load(src: str, alias: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", required=True, help="the src/ folder of the old version")
+    parser.add_argument("--old", help="the src/ folder of the old version")
+    parser.add_argument("--old-python", action="store_true",
+                        help="old: the new version's balancer with LOSSBALANCE_NATIVE=0 (the "
+                        "Python step instead of the C++ one); no --old then")
     parser.add_argument("--new", default="src", help="the src/ folder of the new version")
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--where", choices=("W", "h"), default="W")
@@ -54,9 +59,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    versions = {"old": load(args.old, "old"), "new": load(args.new, "new")}
-    if versions["old"].__file__ == versions["new"].__file__:
-        parser.error(f"--old and --new both load {versions['new'].__file__}")
+    if args.old_python == (args.old is not None):
+        parser.error("give one of --old and --old-python")
+    if args.old_python:
+        new = load(args.new, "new")
+        versions = {"old": new, "new": new}
+    else:
+        versions = {"old": load(args.old, "old"), "new": load(args.new, "new")}
+        if versions["old"].__file__ == versions["new"].__file__:
+            parser.error(f"--old and --new both load {versions['new'].__file__}")
     print(f"# old: {versions['old'].__file__}\n# new: {versions['new'].__file__}")
     T = args.tasks
     torch.manual_seed(0)
@@ -82,6 +93,10 @@ def main() -> None:
             bals[kind].backward(losses, shared=at)
         opt.step()
 
+    if args.old_python:  # a balancer decides on its first step whether to use the C++ step
+        os.environ["LOSSBALANCE_NATIVE"] = "0"
+        step("old")
+        del os.environ["LOSSBALANCE_NATIVE"]
     times: dict[str, list[float]] = {"plain": [], "old": [], "new": []}
     # the version that runs right after the other one finds the caches warm for the step's
     # shared code paths (measured: identical code ran 0.015x faster second), so the two

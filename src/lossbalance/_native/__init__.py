@@ -17,6 +17,7 @@ one warning says why.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -61,11 +62,14 @@ def load() -> Any:
                 from torch.utils import cpp_extension
 
                 _add_pip_ninja()
-                here = Path(__file__).parent
+                sources = [Path(__file__).with_name(name) for name in _SOURCES]
+                # named by its sources: versions side by side (two checkouts, an upgrade)
+                # each keep their own build and can be loaded in one process
+                digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources))
                 _module = cpp_extension.load(
-                    name="lossbalance_native",
-                    sources=[str(here / name) for name in _SOURCES],
-                    extra_cflags=["-O2"],
+                    name=f"lossbalance_native_{digest.hexdigest()[:12]}",
+                    sources=[str(p) for p in sources],
+                    extra_cflags=["-O3"],
                     verbose=False,
                 )
             except Exception as exc:  # no compiler, no ninja, a failed build
