@@ -194,16 +194,13 @@ def check_grad_scaler(scaler: object) -> object | None:
 def first_nonfinite(values: Tensor) -> int | None:
     """Index of the first non-finite entry of a 1-D tensor, or None (one host sync).
 
-    A finite sum proves every entry finite (a nan or an infinity makes any sum non-finite);
-    only when it is not (a non-finite entry, or an overflow of the sum itself) are the
-    entries checked one by one.
+    The T values come to the host as Python floats in one copy (``tolist``, no tensor
+    operation: in a training loop two tensor operations cost ~10 us more).
     """
-    if math.isfinite(values.sum().item()):
-        return None
-    bad = ~torch.isfinite(values)
-    if not bool(bad.any()):
-        return None
-    return int(bad.nonzero()[0, 0])
+    for i, value in enumerate(values.tolist()):
+        if not math.isfinite(value):
+            return i
+    return None
 
 
 def check_initial_losses(
