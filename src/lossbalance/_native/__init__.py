@@ -74,10 +74,10 @@ def load() -> Any:
                 )
             except Exception as exc:  # no compiler, no ninja, a failed build
                 _module = None
-                lines = str(exc).strip().splitlines()
-                errors = [line for line in lines if "error" in line.lower()]
-                reason = (errors[1] if len(errors) > 1 else errors[0] if errors
-                          else lines[0] if lines else repr(exc))
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                telling = [line for line in lines if any(
+                    key in line for key in ("error:", "not found", "No such file"))]
+                reason = (telling[0] if telling else lines[0] if lines else repr(exc))[:300]
                 warnings.warn(
                     f"lossbalance: the C++ step could not be built ({reason}); the Python "
                     "code runs instead (same results, slower). Set LOSSBALANCE_NATIVE=0 to "
