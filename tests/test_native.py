@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import lossbalance as lb
 from lossbalance import _native
-from lossbalance._graph import edges_of
+from lossbalance._graph import consumers_of, edges_of
 from lossbalance._taps import Capture, Workspace, linear_pattern
 
 
@@ -349,3 +349,31 @@ def test_a_refused_step_keeps_no_reference_to_its_graph(backend_, monkeypatch):
     del feats
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("form", ["unbind", "select", "negative-select", "list"])
+def test_walk_from_losses_taken_out_of_a_stack(form):
+    # bal.backward(torch.stack(losses)) hands the walk the stack's elements: it must start at
+    # the stack's inputs (as the Python walk does), or report what the Python walk reports
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True) * 1.0
+    heads = [nn.Linear(3, 1).double() for _ in range(3)]
+    parts = [heads[i](h).pow(2).mean() * (i + 1) for i in range(3)]
+    stacked = torch.stack(parts)
+    losses = {"unbind": list(stacked.unbind(0)), "select": [stacked[i] for i in range(3)],
+              "negative-select": [stacked[i - 3] for i in range(3)], "list": parts}[form]
+    native = Capture(Workspace(), None).native_capture()
+    python_problem = consumers_of(losses, h)[1]
+    assert native.walk(losses, h, []) == python_problem
+    assert (python_problem is None) == (form != "negative-select")
+    if python_problem is None:
+        cap = Capture(Workspace(), None)
+        assert cap.walk(losses, h, [], [], None, False) is None
+        assert cap._walked is cap.native_capture()  # the C++ walk served it
+        cap.begin(h, [], None)
+        torch.autograd.backward(torch.stack(losses).sum(), retain_graph=True)
+        norms = cap.finish()
+        cap.end()
+        ref = torch.stack([torch.linalg.vector_norm(torch.autograd.grad(
+            p, h, retain_graph=True)[0]) for p in parts])
+        torch.testing.assert_close(norms, ref, rtol=1e-12, atol=0)

@@ -240,10 +240,8 @@ class Capture:
         """
         native = self.native_capture() if _native_serves(shared, pattern, vectors) else None
         if native is not None:
-            problem = native.walk(list(losses), h, list(shared))
-            if problem is None or problem[0] != "python":
-                self._walked = native
-                return problem
+            self._walked = native
+            return native.walk(list(losses), h, list(shared))
         if edges is None:
             edges = _graph.edges_of(shared)
         consumers, problem = _graph.consumers_of(losses, h, edges)

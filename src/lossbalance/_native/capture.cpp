@@ -1,13 +1,14 @@
-// The fast path's graph walk and per-task hooks in C++ (see lossbalance/_taps.py, whose
-// Python Capture does the same work operation for operation, and lossbalance/_native).
+// The fast path's graph walk, nn.Linear match and per-task hooks in C++ (see
+// lossbalance/_taps.py, whose Python Capture does the same work, and lossbalance/_native).
 //
 // Per step: walk() finds, from each loss, the autograd nodes that read the tapped h (the
-// same walk and the same problems as lossbalance._graph.consumers_of); begin_h() or
-// begin_linear() registers one C++ post-hook on each such node; during the one backward a
-// hook sees g_i = w_i dL_i/dh and either writes ||g_i|| into row i of a kept [T] tensor
-// ("h") or writes delta_i = g_i * act'(z) into a chunk buffer, and every `chunk` tasks one
-// batched matmul forms dW_i = delta_i^T x and their norms ("linear"); finish() flushes the
-// last chunk and reports the tasks not seen and the order the norms were formed in.
+// same walk and the same problems as lossbalance._graph.consumers_of); match_linear() finds
+// h = act(x W^T + b) below it as lossbalance._taps.linear_pattern does; begin_h() or
+// begin_linear() registers one C++ post-hook on each reading node; during the one backward
+// a hook sees g_i = w_i dL_i/dh and either writes ||g_i|| into row i of a kept [T] tensor
+// ("h") or writes delta_i = g_i * act'(z) into a chunk buffer, and every `chunk` tasks (and
+// at the last task) one batched matmul forms dW_i = delta_i^T x and their norms ("linear");
+// finish() returns the norms in task order, or the tasks whose gradient was not seen.
 // A Python hook costs a call into the interpreter per task; these cost none.
 
 #include <torch/python.h>
@@ -20,8 +21,8 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
-#include <type_traits>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -198,6 +199,31 @@ bool reaches(Node* start, const std::vector<at::Tensor>& shared) {
   return false;
 }
 
+// Where gradients from `loss` enter the graph (lossbalance._graph._start_node): a loss taken
+// out of torch.stack(losses) along dim 0 (unbind or select) starts at that stack's input.
+Node* start_node(const at::Tensor& loss) {
+  using torch::autograd::generated::SelectBackward0;
+  using torch::autograd::generated::StackBackward0;
+  using torch::autograd::generated::UnbindBackward0;
+  Node* node = loss.grad_fn().get();
+  if (node == nullptr) return nullptr;
+  int64_t index = 0;
+  if (auto* unbind = dynamic_cast<UnbindBackward0*>(node)) {
+    if (unbind->dim != 0) return node;
+    index = loss.output_nr();
+  } else if (auto* select = dynamic_cast<SelectBackward0*>(node)) {
+    if (select->dim != 0 || select->index.is_heap_allocated()) return node;  // symbolic
+    index = select->index.as_int_unchecked();
+  } else {
+    return node;
+  }
+  Node* src = node->next_edges()[0].function.get();
+  auto* stack = dynamic_cast<StackBackward0*>(src);
+  if (stack == nullptr || stack->dim != 0) return node;
+  if (index < 0 || index >= static_cast<int64_t>(src->next_edges().size())) return node;
+  return src->next_edges()[index].function.get();
+}
+
 using Consumers = std::vector<std::vector<std::pair<NodePtr, int64_t>>>;
 
 class NativeCapture {
@@ -205,8 +231,7 @@ class NativeCapture {
   NativeCapture() : step_(std::make_shared<Step>()) {}
 
   // The nodes of each loss that read h, as lossbalance._graph.consumers_of finds them.
-  // Returns None, ("unreached", i), ("shared", j, i), ("bypass", i, k), or ("python",)
-  // when a loss starts at an element of a stack (the Python walk knows that case).
+  // Returns None, ("unreached", i), ("shared", j, i) or ("bypass", i, k).
   py::object walk(const std::vector<at::Tensor>& losses, const at::Tensor& h,
                   const std::vector<at::Tensor>& shared) {
     consumers_.clear();
@@ -222,14 +247,12 @@ class NativeCapture {
     std::unordered_set<const Node*> seen;
     std::vector<Node*> stack;
     for (int64_t i = 0; i < static_cast<int64_t>(losses.size()); ++i) {
-      const auto& start = losses[i].grad_fn();
-      if (!start) return py::make_tuple("unreached", i);
-      const std::string name = start->name();
-      if (name == "UnbindBackward0" || name == "SelectBackward0") return py::make_tuple("python");
+      Node* start = start_node(losses[i]);
+      if (start == nullptr) return py::make_tuple("unreached", i);
       std::vector<std::pair<NodePtr, int64_t>> found;
       seen.clear();
-      seen.insert(start.get());
-      stack.assign(1, start.get());
+      seen.insert(start);
+      stack.assign(1, start);
       int64_t bypass = -1;
       while (!stack.empty()) {
         Node* node = stack.back();
