@@ -401,15 +401,20 @@ class GradNorm(Balancer):
         # Python wrapper
         weights.mul_(weights.sum().reciprocal_().mul_(self.num_tasks))
         self._buffers["num_steps"].add_(1)
+        self._set_stats(w, grad_norm_w, target, loss_ratio, inverse_rate,
+                        torch.linalg.vector_norm(gap, 1))  # L_grad = sum_i |gap_i|
+        return total
+
+    def _set_stats(self, w: Tensor, grad_norm_w: Tensor, target: Tensor, loss_ratio: Tensor,
+                   inverse_rate: Tensor, gradnorm_loss: Tensor) -> None:
         _set(self, "stats", {
             "weight": w,
             "grad_norm": grad_norm_w,
             "target": target,
             "loss_ratio": loss_ratio,
             "inverse_rate": inverse_rate,
-            "gradnorm_loss": torch.linalg.vector_norm(gap, 1),  # sum_i |gap_i|
+            "gradnorm_loss": gradnorm_loss,
         })
-        return total
 
     def _native_update(self, grad_norm_w: Tensor, w: Tensor, values: Tensor, first: bool
                        ) -> bool:
@@ -434,15 +439,7 @@ class GradNorm(Balancer):
             return False
         if first:
             self._initialized = True
-        target, loss_ratio, inverse_rate, gradnorm_loss = out
-        _set(self, "stats", {
-            "weight": w,
-            "grad_norm": grad_norm_w,
-            "target": target,
-            "loss_ratio": loss_ratio,
-            "inverse_rate": inverse_rate,
-            "gradnorm_loss": gradnorm_loss,
-        })
+        self._set_stats(w, grad_norm_w, *out)  # target, loss ratio, inverse rate, L_grad
         return True
 
     def _native_module(self) -> Any:
