@@ -297,9 +297,8 @@ class Capture:
         acts, x, roles, self.relu_out, self.jac = self.pattern  # type: ignore[misc]
         self.chunk = max(1, min(self.chunk_size or auto_chunk(num_tasks), num_tasks))
         self.x = x
-        if acts is None:  # the C++ match gave act'(z)
-            pass
-        elif len(acts) == 1 and type(acts[0]).__name__ == "ReluBackward0":
+        # (from the C++ match, acts is None and relu_out or jac came with the pattern)
+        if acts and len(acts) == 1 and type(acts[0]).__name__ == "ReluBackward0":
             # act'(z) = [h > 0]: delta_i = relu's own backward of g_i, no Jacobian kept
             self.relu_out = acts[0]._saved_result.detach()
         elif acts:

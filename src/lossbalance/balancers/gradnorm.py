@@ -379,7 +379,8 @@ class GradNorm(Balancer):
                 finite = self._check_finite_norms(grad_norm_w, before_backward=False)
         if not finite:
             return total
-        if self._native_update(grad_norm_w, w, values, first):
+        # (the fast path without a window tried the C++ update above already)
+        if (tap is None or k > 1) and self._native_update(grad_norm_w, w, values, first):
             return total
         grad_norm = grad_norm_w / _like(w, grad_norm_w)  # ||grad_W L_i||
 
