@@ -2,14 +2,14 @@
 
 ``capture.cpp`` does what ``lossbalance._graph.consumers_of`` and the Python hooks of
 ``lossbalance._taps.Capture`` do; ``update.cpp`` what ``GradNorm._step`` does once the norms
-are known (the T-vector arithmetic, the fused Adam step, the renormalisation). Both run the
-same ATen operations in the same order as the Python code (so the same numbers, bit for
-bit), without the interpreter between operations: a call into Python per task and per
-graph node, and ~20 dispatches through it per step, cost ~0.1-0.2x of a small network's
-training step. The module is compiled with ``torch.utils.cpp_extension.load`` the first
-time a GradNorm step needs it (~30-40 s with two cores; a C++ compiler and ninja are
-needed) and cached by torch under ``$TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``
-by default) for later processes.
+are known (the T-vector arithmetic, the fused Adam step, the renormalisation). The model's
+gradient and the norms at a weight are the Python code's bit for bit; the norm at h and the
+update are loops in double precision, equal to the Python code's float operations up to
+rounding. What they save: a call into Python per task and per graph node, and ~20 tensor
+operations per step, cost ~0.1-0.2x of a small network's training step. The module is
+compiled with ``torch.utils.cpp_extension.load`` the first time a GradNorm step needs it
+(~30-40 s with two cores; a C++ compiler and ninja are needed) and cached by torch under
+``$TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions`` by default) for later processes.
 
 Set ``LOSSBALANCE_NATIVE=0`` to run the Python code only; where the build fails, it runs and
 one warning says why.
@@ -32,7 +32,7 @@ _tried = False
 
 
 def enabled() -> bool:
-    """Whether ``LOSSBALANCE_NATIVE`` allows the C++ capture (anything but 0/false/no/off)."""
+    """Whether ``LOSSBALANCE_NATIVE`` allows the C++ step (anything but 0/false/no/off)."""
     return os.environ.get("LOSSBALANCE_NATIVE", "1").strip().lower() not in (
         "0", "false", "no", "off")
 
@@ -80,8 +80,8 @@ def load() -> Any:
                 reason = (telling[0] if telling else lines[0] if lines else repr(exc))[:300]
                 warnings.warn(
                     f"lossbalance: the C++ step could not be built ({reason}); the Python "
-                    "code runs instead (same results, slower). Set LOSSBALANCE_NATIVE=0 to "
-                    "skip the build.",
+                    "code runs instead (the same step up to float rounding, slower). Set "
+                    "LOSSBALANCE_NATIVE=0 to skip the build.",
                     RuntimeWarning,
                     stacklevel=3,
                 )

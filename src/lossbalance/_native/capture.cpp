@@ -205,15 +205,21 @@ bool is_elementwise(const std::string& name) {
   return names.count(name) > 0;
 }
 
+// The gradient edges (node, input number) of the shared tensors (lossbalance._graph.edges_of).
+std::vector<std::pair<const Node*, uint32_t>> edges_of(const std::vector<at::Tensor>& shared) {
+  std::vector<std::pair<const Node*, uint32_t>> edges;
+  for (const auto& t : shared) {
+    const Edge e = torch::autograd::impl::gradient_edge(t);
+    edges.emplace_back(e.function.get(), e.input_nr);
+  }
+  return edges;
+}
+
 // Whether a walk from `start` reaches the gradient edge of a tensor of `shared`
 // (lossbalance._graph.reached_from with first=True).
 bool reaches(Node* start, const std::vector<at::Tensor>& shared) {
   if (start == nullptr) return false;
-  std::vector<std::pair<const Node*, uint32_t>> targets;
-  for (const auto& t : shared) {
-    const Edge e = torch::autograd::impl::gradient_edge(t);
-    targets.emplace_back(e.function.get(), e.input_nr);
-  }
+  const auto targets = edges_of(shared);
   std::unordered_set<const Node*> seen{start};
   std::vector<Node*> stack{start};
   while (!stack.empty()) {
@@ -270,11 +276,7 @@ class NativeCapture {
     const Edge h_edge = torch::autograd::impl::gradient_edge(h);
     const Node* h_node = h_edge.function.get();
     const uint32_t h_nr = h_edge.input_nr;
-    std::vector<std::pair<const Node*, uint32_t>> avoid;
-    for (const auto& t : shared) {
-      const Edge e = torch::autograd::impl::gradient_edge(t);
-      avoid.emplace_back(e.function.get(), e.input_nr);
-    }
+    const auto avoid = edges_of(shared);
     std::unordered_map<const Node*, int64_t> owner;
     std::unordered_set<const Node*> seen;
     std::vector<Node*> stack;
