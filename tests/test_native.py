@@ -21,8 +21,10 @@ from lossbalance._taps import Capture, Workspace, linear_pattern
 
 @pytest.fixture(autouse=True)
 def _native_enabled(request, monkeypatch):
+    # the C++ step is opt-in: these tests turn it on, unless they run on both steps
     if "backend" not in request.fixturenames:
-        monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
+        monkeypatch.setattr(_native, "_requested", False)
+        monkeypatch.setenv("LOSSBALANCE_NATIVE", "1")
 
 
 def test_module_builds_here():
@@ -55,10 +57,8 @@ class Net(nn.Module):
 def train(native, *, act=nn.ReLU, where="W", tasks=4, reads=1, chunk=None, seq=False,
           dtype=torch.float64, steps=25, monkeypatch=None, kwargs=None):
     """Weights, stats and model gradients of every step, with the C++ step on or off."""
-    if native:
-        monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
-    else:
-        monkeypatch.setenv("LOSSBALANCE_NATIVE", "0")
+    if native is not None:  # None: as the environment says
+        monkeypatch.setenv("LOSSBALANCE_NATIVE", "1" if native else "0")
     torch.manual_seed(0)
     net = Net(act, tasks, reads, dtype)
     shape = (4, 5, 6) if seq else (20, 6)
@@ -135,7 +135,7 @@ def test_native_adam_follows_torch_adam(kwargs, monkeypatch):
         pass
 
     def run(optimizer):
-        monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
+        monkeypatch.setenv("LOSSBALANCE_NATIVE", "1")
         torch.manual_seed(0)
         net = Net()
         x, ys = torch.randn(20, 6, dtype=torch.float64), [
@@ -161,7 +161,7 @@ def test_native_adam_follows_torch_adam(kwargs, monkeypatch):
 
 def test_native_update_keeps_the_floor_and_the_sum(monkeypatch):
     # a task whose loss is 1e6 times another's, for many steps: weights > 0, sum T
-    monkeypatch.delenv("LOSSBALANCE_NATIVE", raising=False)
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "1")
     torch.manual_seed(0)
     net = Net(tasks=2, dtype=torch.float32)
     x, ys = torch.randn(20, 6), [torch.randn(20, 2) for _ in range(2)]
@@ -258,13 +258,71 @@ def test_failed_build_warns_once_and_runs_the_python_code(monkeypatch):
     assert torch.isfinite(bal.weights).all()
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("LOSSBALANCE_NATIVE", "0")
-    assert _native.load() is None
-    monkeypatch.setenv("LOSSBALANCE_NATIVE", "off")
-    assert not _native.enabled()
-    monkeypatch.setenv("LOSSBALANCE_NATIVE", "1")
-    assert _native.enabled()
+def test_off_by_default_and_switched_by_environment_or_build(monkeypatch):
+    monkeypatch.delenv("LOSSBALANCE_NATIVE")
+    assert not _native.enabled() and _native.load() is None  # the default: nothing built
+    for value in ("1", "true", "YES", " on "):
+        monkeypatch.setenv("LOSSBALANCE_NATIVE", value)
+        assert _native.enabled()
+    for value in ("0", "false", "no", "Off"):
+        monkeypatch.setenv("LOSSBALANCE_NATIVE", value)
+        assert not _native.enabled()
+        assert _native.load() is None
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "maybe")
+    with pytest.raises(ValueError, match=r"LOSSBALANCE_NATIVE.*'maybe'"):
+        _native.enabled()
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "")
+    assert not lb.native.enabled()
+    assert lb.native.build()  # the documented call: builds (or loads) and turns it on
+    assert lb.native.enabled() and lb.native.available()
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "0")  # the environment's 0 always wins
+    assert not lb.native.enabled() and not lb.native.build()
+
+
+def test_default_step_is_python(monkeypatch):
+    monkeypatch.delenv("LOSSBALANCE_NATIVE")
+    loads = []
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_tried", False)
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: loads.append(1))
+    _, bal = train(None, steps=3, monkeypatch=monkeypatch)
+    assert not loads and not bal._use_native and bal._capture._native is None
+
+
+def test_build_announces_itself_in_one_line_and_hides_the_cuda_home_warning(
+        monkeypatch, capsys, caplog, tmp_path):
+    import logging
+
+    from torch.utils import cpp_extension
+
+    built = []
+
+    def fake_load(name, **kwargs):
+        built.append(name)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache
+    assert _native.load() == "module"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "C++" in err and "s with 2 CPU cores" in err
+    assert _native.load() == "module" and len(built) == 1  # once a process
+    assert capsys.readouterr().err == ""
+    # torch logs "No CUDA runtime is found, using CUDA_HOME=..." when cpp_extension is
+    # imported (CUDA build of torch, no CUDA): the import under the filter drops it
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _native._NoCudaHomeWarning()
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.addFilter(quiet)
+        try:
+            logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+            logger.warning("something else")
+        finally:
+            logger.removeFilter(quiet)
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
 
 
 def _graphs():

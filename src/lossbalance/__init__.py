@@ -1,5 +1,6 @@
 """lossbalance: adaptive loss balancing for multi-task PyTorch networks."""
 
+from . import native
 from .balancers import (
     Balancer,
     DynamicTaskPrioritization,
@@ -19,4 +20,5 @@ __all__ = [
     "StaticWeighting",
     "UncertaintyWeighting",
     "__version__",
+    "native",
 ]

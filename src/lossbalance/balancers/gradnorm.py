@@ -445,7 +445,8 @@ class GradNorm(Balancer):
 
     def _native_module(self) -> Any:
         """The C++ module, or None; whether to use it is decided on the balancer's first
-        step (``LOSSBALANCE_NATIVE``, a successful build) and kept."""
+        step (``lossbalance.native.enabled()`` and a successful build) and kept, so that a
+        run does not switch between the two steps (they round differently)."""
         use = self.__dict__.get("_use_native")
         if use is None:
             use = _native.load() is not None
@@ -519,6 +520,13 @@ class GradNorm(Balancer):
             _set(self, "_tap", None)  # a tap serves one step only
 
     # ------------------------------------------------------------------ state
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickling: a copy decides anew, on its first step, whether
+        to use the C++ step (the process that loads it may not have or want it)."""
+        state = self.__dict__.copy()
+        state.pop("_use_native", None)
+        return state
+
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "optimizer": copy.deepcopy(self._optimizer.state_dict()),
