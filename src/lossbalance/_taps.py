@@ -505,7 +505,7 @@ def auto_chunk(num_tasks: int) -> int:
 
     Four tasks a call cut the Python around the matmuls (T=64: 1.36x the plain step against
     1.54x one at a time); fewer keep the kept buffers, chunk x (|h| + |W|), small next to a
-    network of few heads (measured on the toy network: see the README's speed section).
+    network of few heads (measured on the toy network: see docs/performance.md).
     """
     return max(1, min(4, num_tasks // 2))
 
