@@ -17,11 +17,23 @@ sum_i w_i = T. Because G_i = w_i ||grad_W L_i|| with ||grad_W L_i|| independent 
 
 so no second-order graph (``create_graph``) and no per-task backward is needed: the per-task
 norms come from one ordinary backward (see ``lossbalance._taps``).
+
+Option ``log_weights=True`` (not in the paper): the optimizer steps s_i = log w_i instead of
+w_i. By the chain rule, with w_i = exp(s_i),
+
+    dL_grad / ds_i = w_i * dL_grad / dw_i = sign(G_i - target_i) * G_i,
+
+and after the step w = exp(s) is renormalised to sum T in log space,
+s_i <- s_i - log(sum_j exp(s_j) / T). A step then changes w_i by a factor exp(+-~lr) rather
+than by +-~lr: a weight that should sit near 1e-3 approaches it geometrically instead of
+overshooting below zero and being clamped to ``min_weight`` (which the paper's update does
+when Adam's steps of ~lr exceed the weight itself), and it never reaches zero.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,7 +75,13 @@ class GradNorm(Balancer):
         initial_losses: L_i(0); by default the losses of the first ``backward`` call.
         min_weight: floor applied to the weights after the optimizer step and before
             renormalisation, so every weight stays > 0: w <- T * max(w, min_weight) /
-            sum_j max(w_j, min_weight).
+            sum_j max(w_j, min_weight) (with ``log_weights``, the same on s = log w: a guard
+            that multiplicative steps seldom reach).
+        log_weights: False (default) steps w itself, as the paper's Algorithm 1; True steps
+            s = log w with the optimizer (multiplicative steps, see the module docstring):
+            dL_grad/ds_i = w_i dL_grad/dw_i, then s_i <- max(s_i, log min_weight) and
+            s_i <- s_i - log(sum_j exp(s_j) / T), w = exp(s). The C++ update does not serve
+            it (the Python update runs).
         general_path: how per-task gradients are formed without a tap: "loop" (default, one
             ``autograd.grad`` per task from L_i to ``shared``: each walks only head i and the
             trunk above ``shared``) or "batched" (one vmapped ``autograd.grad`` over all tasks,
@@ -119,6 +137,7 @@ class GradNorm(Balancer):
         distributed: bool | Any = False,
         accumulation_steps: int = 1,
         parameter_norms: str = "exact",
+        log_weights: bool = False,
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
         if not (isinstance(distributed, bool) or _is_process_group(distributed)):
@@ -137,6 +156,9 @@ class GradNorm(Balancer):
         self.alpha = _checks.check_nonnegative("alpha", alpha)
         self.lr = _checks.check_positive("lr", lr)
         self.min_weight = _checks.check_positive("min_weight", min_weight)
+        if not isinstance(log_weights, bool):
+            raise TypeError(f"log_weights must be True or False, got {log_weights!r}")
+        self.log_weights = log_weights
         if general_path not in ("loop", "batched"):
             raise ValueError(f"general_path must be 'loop' or 'batched', got {general_path!r}")
         self.general_path = general_path
@@ -148,6 +170,8 @@ class GradNorm(Balancer):
             # one kernel for the whole update: ~5x less time than the single-tensor update
             self._optimizer_kwargs["fused"] = True
         self.register_buffer("task_weights", torch.ones(num_tasks))
+        if log_weights:  # s = log w, what the optimizer steps
+            self.register_buffer("task_log_weights", torch.zeros(num_tasks))
         self.register_buffer("initial_losses", torch.full((num_tasks,), float("nan")))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self._initialized = False
@@ -191,13 +215,18 @@ class GradNorm(Balancer):
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         try:
-            return self._optimizer_cls([self.task_weights], lr=self.lr, **self._optimizer_kwargs)
+            return self._optimizer_cls([self._stepped()], lr=self.lr, **self._optimizer_kwargs)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"could not build the weights' optimizer: {exc}") from exc
 
+    def _stepped(self) -> Tensor:
+        """The tensor the weights' optimizer steps: w, or s = log w with ``log_weights``."""
+        return self._buffers["task_log_weights" if self.log_weights else "task_weights"]
+
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer that steps the weights on dL_grad/dw."""
+        """The optimizer that steps the weights on dL_grad/dw (on s = log w and dL_grad/ds
+        with ``log_weights``)."""
         return self._optimizer
 
     @property
@@ -396,11 +425,19 @@ class GradNorm(Balancer):
         if first:
             self.initial_losses.copy_(values)
             self._initialized = True
-        self._update_weights(weights, _like(dweights, weights))
-        weights.clamp_(min=self.min_weight)
-        # T / sum, as Tensor.__rtruediv__ computes it (reciprocal, times T) without its
-        # Python wrapper
-        weights.mul_(weights.sum().reciprocal_().mul_(self.num_tasks))
+        if self.log_weights:
+            log_w = self._buffers["task_log_weights"]
+            dlog = dweights.mul_(_like(w, dweights))  # dL_grad/ds_i = w_i dL_grad/dw_i
+            self._update_weights(log_w, _like(dlog, log_w))
+            log_w.clamp_(min=math.log(self.min_weight))
+            log_w.sub_(torch.logsumexp(log_w, 0).sub_(math.log(self.num_tasks)))
+            torch.exp(log_w, out=weights)
+        else:
+            self._update_weights(weights, _like(dweights, weights))
+            weights.clamp_(min=self.min_weight)
+            # T / sum, as Tensor.__rtruediv__ computes it (reciprocal, times T) without its
+            # Python wrapper
+            weights.mul_(weights.sum().reciprocal_().mul_(self.num_tasks))
         self._buffers["num_steps"].add_(1)
         self._set_stats(w, grad_norm_w, target, loss_ratio, inverse_rate,
                         torch.linalg.vector_norm(gap, 1))  # L_grad = sum_i |gap_i|
@@ -425,6 +462,8 @@ class GradNorm(Balancer):
         module is built, the weights' optimizer is a plain fused Adam with its state made,
         every T-vector is a contiguous float32/float64 CPU tensor of the weights' dtype and
         every norm is finite. Returns False, changing nothing, otherwise."""
+        if self.log_weights:
+            return False
         module = self._native_module()
         if module is None:
             return False
@@ -549,7 +588,7 @@ class GradNorm(Balancer):
         saved = self._optimizer.state_dict()
         super()._apply(fn, recurse)
         self._window.apply(fn)  # a window in progress moves with the weights
-        self._optimizer.param_groups[0]["params"] = [self._buffers["task_weights"]]
+        self._optimizer.param_groups[0]["params"] = [self._stepped()]
         self._optimizer.state.clear()
         self._optimizer.load_state_dict(saved)  # casts the state to the weights' dtype/device
         return self
@@ -558,4 +597,5 @@ class GradNorm(Balancer):
         return (
             f"{super().extra_repr()}, alpha={self.alpha}, lr={self.lr}, "
             f"optimizer={getattr(self._optimizer_cls, '__name__', self._optimizer_cls)}"
+            + (", log_weights=True" if self.log_weights else "")
         )
