@@ -100,6 +100,80 @@ def toy(out: Path, force: bool, tasks: int, methods: str, seeds: int, steps: int
     click.echo(f"toy study done in {time.perf_counter() - started:.0f} s: wrote {files} to {out}")
 
 
+@cli.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="NYUv2 root with train/ and val/ in MTAN's .npy layout (docs/nyuv2.md).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for metrics.csv, summary.json/.md, config.json and checkpoints/.")
+@click.option("--force", is_flag=True, help="Replace the contents of a non-empty --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue the study in --out from its checkpoints (same settings; "
+                   "--epochs may grow).")
+@click.option("--methods", default="single,equal,gradnorm,uncertainty,dtp,static",
+              show_default=True,
+              help="Comma-separated: single, equal, gradnorm, uncertainty, dtp, static.")
+@click.option("--seeds", default=1, show_default=True, type=int, help="Runs per method.")
+@click.option("--epochs", default=200, show_default=True, type=int)
+@click.option("--batch-size", default=2, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Model (Adam) lr.")
+@click.option("--lr-step", default=100, show_default=True, type=int,
+              help="Epochs between lr halvings (StepLR).")
+@click.option("--width", default=64, show_default=True, type=int,
+              help="SegNet base width (64: the literature's 25 M parameters).")
+@click.option("--limit", default=None, type=int,
+              help="Use only the first N train and N val samples (a quick run).")
+@click.option("--alpha", default=1.5, show_default=True, type=float,
+              help="GradNorm's alpha (1.5: the paper's NYUv2 setting).")
+@click.option("--weight-lr", default=0.025, show_default=True, type=float,
+              help="GradNorm weights' (Adam) lr.")
+@click.option("--gradnorm-at", type=click.Choice(["weight", "h"]), default="weight",
+              show_default=True,
+              help="Where GradNorm measures: the last shared conv's weight, or the shared "
+                   "feature map h.")
+@click.option("--dtp-gamma", default=1.0, show_default=True, type=float)
+@click.option("--static-weights", default=None,
+              help="w for static (segmentation,depth,normal), e.g. a GradNorm run's final "
+                   "weights; default: those of this study's GradNorm run of the same seed.")
+@click.option("--baseline", default=None, type=click.Path(path_type=Path),
+              help="summary.json of an earlier study with single, for delta_m.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: cuda when available, else cpu.")
+@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none",
+              show_default=True, help="Autocast dtype (fp16 adds a GradScaler).")
+@click.option("--workers", default=2, show_default=True, type=int,
+              help="DataLoader worker processes.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def nyuv2(data: Path, out: Path, force: bool, resume: bool, methods: str, seeds: int,
+          epochs: int, batch_size: int, lr: float, lr_step: int, width: int, limit: int | None,
+          alpha: float, weight_lr: float, gradnorm_at: str, dtp_gamma: float,
+          static_weights: str | None, baseline: Path | None, device: str | None, amp: str,
+          workers: int, quiet: bool) -> None:
+    """NYUv2 segmentation, depth and normals with every balancer (the paper's benchmark)."""
+    import torch
+
+    from .experiments import nyuv2 as study
+
+    try:
+        cfg = study.NYUv2Config(
+            data=str(data), methods=_names(methods), seeds=seeds, epochs=epochs,
+            batch_size=batch_size, lr=lr, lr_step=lr_step, width=width, limit=limit,
+            alpha=alpha, weight_lr=weight_lr, gradnorm_at=gradnorm_at, dtp_gamma=dtp_gamma,
+            static_weights=None if static_weights is None
+            else _floats(static_weights, "--static-weights"),
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            amp=amp, workers=workers,
+        )
+        layout, base = study.prepare_out(cfg, out, force=force, resume=resume,
+                                         baseline_path=baseline)
+    except ValueError as exc:  # refused before anything is written
+        raise click.UsageError(str(exc)) from None
+    try:
+        line = study.run_prepared(cfg, out, layout, base, baseline, quiet=quiet)
+    except ValueError as exc:  # e.g. a label file with a class out of range
+        raise click.ClickException(str(exc)) from None
+    click.echo(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a bad flag gives one line on stderr and exit status 2."""
     try:
