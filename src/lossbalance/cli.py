@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
+
+from .experiments.runner import METHODS
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
@@ -34,70 +35,98 @@ def cli() -> None:
     """lossbalance: adaptive loss balancing for multi-task networks."""
 
 
+# ---------------------------------------------------------------------- studies on the runner
+def study_options(*, methods: str, alpha: float, alphas: str, seeds: int = 3,
+                  grid_help: str = "the study's") -> Callable[[Callable], Callable]:
+    """The flags every study command on ``experiments.runner`` shares; the command receives
+    them as keyword arguments and hands them to :func:`run_study_command`."""
+    opts = [
+        click.option("--out", required=True, type=click.Path(path_type=Path),
+                     help="Folder for metrics.csv, summary.json/.md and the plots."),
+        click.option("--force", is_flag=True, help="Replace the contents of a non-empty --out."),
+        click.option("--methods", default=methods, show_default=True,
+                     help="Comma-separated: " + ", ".join(METHODS) + "."),
+        click.option("--seeds", default=seeds, show_default=True, type=int,
+                     help="Runs per method."),
+        click.option("--alpha", default=alpha, show_default=True, type=float,
+                     help="GradNorm's alpha for the method comparison."),
+        click.option("--alphas", default=alphas, show_default=True,
+                     help="GradNorm alpha sweep (comma-separated; empty for none)."),
+        click.option("--weight-lr", default=0.025, show_default=True, type=float,
+                     help="GradNorm weights' (Adam) lr."),
+        click.option("--dtp-gamma", default=1.0, show_default=True, type=float,
+                     help="DTP's focusing exponent gamma."),
+        click.option("--grid-range", default=None, metavar="LO,HI",
+                     help="grid: the range of each log10(w_0/w_i) [default: " + grid_help
+                     + "]."),
+        click.option("--grid-levels", default=None, type=int,
+                     help="grid: values per log ratio, evenly spaced over --grid-range "
+                     "[default: " + grid_help + "]."),
+        click.option("--grid-max-points", default=None, type=int,
+                     help="grid: at most this many points; T > 2 subsamples the lattice "
+                     "(equal weights and a seeded uniform sample), T = 2 refuses "
+                     "[default: " + grid_help + "]."),
+        click.option("--workers", default=None, type=int,
+                     help="Worker processes for the runs (1: in this process; the results "
+                     "are the same for any value) [default: one per available CPU]."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+def run_study_command(make_study: Callable[[], Any], flags: dict[str, Any]) -> None:
+    """Build the study and the runner's options from the shared flags, refuse bad ones
+    (one line, nothing written), train, write ``--out`` and say what was written."""
+    from .experiments import runner
+
+    grid_range = flags["grid_range"]
+    try:
+        study = make_study()
+        options = runner.Options(
+            methods=_names(flags["methods"]), seeds=flags["seeds"], alpha=flags["alpha"],
+            alphas=_floats(flags["alphas"], "--alphas"), weight_lr=flags["weight_lr"],
+            dtp_gamma=flags["dtp_gamma"],
+            grid_range=None if grid_range is None else _floats(grid_range, "--grid-range"),
+            grid_levels=flags["grid_levels"], grid_max_points=flags["grid_max_points"],
+            workers=flags["workers"],
+        ).resolved(study)
+        runner.check_out(flags["out"], flags["force"])
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    out = flags["out"]
+    _, seconds = runner.run_to_folder(study, options, out, force=flags["force"],
+                                      quiet=flags["quiet"])
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    click.echo(f"{study.name} study done in {seconds:.0f} s: wrote {files} to {out}")
+
+
 @cli.command()
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for metrics.csv, summary.json/.md and the plots.")
-@click.option("--force", is_flag=True, help="Replace the contents of a non-empty --out.")
+@study_options(methods="equal,gradnorm,uncertainty,static,dtp", alpha=0.12,
+               alphas="0,0.12,0.5,1,1.5,2,3",
+               grid_help="-1,5 with 13 levels for 2 tasks; -1,3 with 3 levels and 24 points "
+               "beyond")
 @click.option("--tasks", default=2, show_default=True, type=int,
               help="Number of tasks T: sigma = (1, 100) for 2, log-spaced over [1, 100] beyond.")
-@click.option("--methods", default="equal,gradnorm,uncertainty,static,dtp", show_default=True,
-              help="Comma-separated: equal, gradnorm, uncertainty, static, dtp.")
-@click.option("--seeds", default=3, show_default=True, type=int, help="Runs per method.")
 @click.option("--steps", default=2000, show_default=True, type=int, help="Training steps a run.")
-@click.option("--alpha", default=0.12, show_default=True, type=float,
-              help="GradNorm's alpha for the method comparison.")
-@click.option("--alphas", default="0,0.12,0.5,1,1.5,2,3", show_default=True,
-              help="GradNorm alpha sweep (comma-separated; empty for none).")
 @click.option("--batch-size", default=100, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Model (Adam) lr.")
-@click.option("--weight-lr", default=0.025, show_default=True, type=float,
-              help="GradNorm weights' (Adam) lr.")
 @click.option("--log-every", default=10, show_default=True, type=int,
               help="Steps between rows of metrics.csv.")
 @click.option("--eval-every", default=100, show_default=True, type=int,
               help="Steps between test-set evaluations.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def toy(out: Path, force: bool, tasks: int, methods: str, seeds: int, steps: int, alpha: float,
-        alphas: str, batch_size: int, lr: float, weight_lr: float, log_every: int,
-        eval_every: int, quiet: bool) -> None:
+def toy(tasks: int, steps: int, batch_size: int, lr: float, log_every: int, eval_every: int,
+        **flags: Any) -> None:
     """The GradNorm paper's synthetic study (Section 4): train, tabulate, plot."""
-    from .experiments import report
-    from .experiments import toy as study
+    from .experiments.toy import ToyStudy
 
-    try:
-        cfg = study.ToyConfig(
-            tasks=tasks, methods=_names(methods), seeds=seeds, steps=steps, alpha=alpha,
-            alphas=_floats(alphas, "--alphas"), batch_size=batch_size, lr=lr,
-            weight_lr=weight_lr, log_every=log_every, eval_every=eval_every,
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    if out.exists() and not out.is_dir():
-        raise click.UsageError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise click.UsageError(f"--out {out} is not empty (pass --force to replace it)")
-
-    from tqdm import tqdm
-
-    from . import plots
-
-    total = len(study.plan_runs(cfg)) * cfg.steps
-    started = time.perf_counter()
-    with tqdm(total=total, disable=quiet, unit="step", desc="toy study", file=sys.stderr,
-              mininterval=1.0) as bar:
-        rows, summaries = study.run_study(cfg, on_step=lambda: bar.update(1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        staging = Path(tmp)
-        report.write_metrics(rows, staging / "metrics.csv")
-        summary = report.summarize(summaries, study.config_dict(cfg))
-        report.write_summary(summary, staging / ".")
-        plots.plot_study(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(staging, out)
-    files = ", ".join(sorted(p.name for p in out.iterdir()))
-    click.echo(f"toy study done in {time.perf_counter() - started:.0f} s: wrote {files} to {out}")
+    run_study_command(lambda: ToyStudy(tasks=tasks, steps=steps, batch_size=batch_size, lr=lr,
+                                       log_every=log_every, eval_every=eval_every), flags)
 
 
 @cli.command()

@@ -1,14 +1,28 @@
-"""Files a study leaves: metrics.csv, summary.json and summary.md."""
+"""Files a study leaves: metrics.csv, summary.json and summary.md.
+
+summary.json holds ``study`` (tasks, metrics, the ranking scalar), ``config`` (the study's
+settings and the runner's options), ``methods`` (per method: the ranking scalar and each test
+metric, mean/std/n over seeds, the final weights and the wall time; ``gradnorm`` at the main
+alpha; ``single`` per seed over its T one-task networks), ``alpha_sweep`` (GradNorm per alpha),
+``grid`` (``experiments.grid.compare``: the best point and where each method's weights and
+metric fall against it), ``baseline`` (the single-task networks' mean test metrics, where
+trained) and ``runs`` (every run's record).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from . import grid as gridlib
+from .study import Study
 
 
-def _mean_std(values: list[float]) -> dict:
+def _mean_std(values: Sequence[float]) -> dict:
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -16,81 +30,237 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
-def write_metrics(rows: list[dict], path: Path) -> None:
-    """One row per (method, alpha, seed, logged step)."""
+def write_metrics(rows: list[dict], path: Path, fieldnames: Sequence[str]) -> None:
+    """One row per (method, alpha, seed, variant, logged step); "" where a value is absent."""
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(fieldnames), restval="")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def summarize(summaries: list[dict], config: dict) -> dict:
-    """Mean and std over seeds per method (GradNorm at the main alpha) and per alpha."""
-    T = config["tasks"]
+def study_info(study: Study) -> dict[str, Any]:
+    """What the plots and tables need to know about the study."""
+    s = study.summary
+    return {
+        "name": study.name,
+        "title": study.title,
+        "task_names": list(study.task_names),
+        "task_labels": list(study.task_labels or study.task_names),
+        "task_kinds": list(study.task_kinds),
+        "metrics": [{"name": m.name, "task": m.task, "key": m.key, "label": m.label or m.name,
+                     "higher_is_better": m.higher_is_better} for m in study.metrics],
+        "summary": {"key": s.key, "label": s.label, "axis": s.axis,
+                    "higher_is_better": s.higher_is_better, "stem": s.stem,
+                    "needs_single": s.needs_single},
+    }
+
+
+def _metric_lists(study: Study, test: Mapping[str, float]) -> dict[str, list]:
+    """{"test_<name>": [value or None per task]} from a run's test metrics."""
+    out: dict[str, list] = {}
+    for m in study.metrics:
+        out.setdefault(f"test_{m.name}", [None] * study.num_tasks)[m.task] = test.get(m.key)
+    return out
+
+
+def _combine_single(study: Study, records: list[dict]) -> list[dict]:
+    """Per seed, one record of the single-task networks together (all tasks' metrics)."""
+    out = []
+    for seed in sorted({r["seed"] for r in records}):
+        mine = [r for r in records if r["seed"] == seed]
+        tasks = sorted(r["variant"] for r in mine)
+        if tasks != list(range(study.num_tasks)):
+            raise ValueError(f"seed {seed} has single-task runs for tasks {tasks}")
+        test: dict[str, float] = {}
+        for r in mine:
+            test.update(r["test"])
+        out.append({"method": "single", "alpha": None, "seed": seed, "variant": None,
+                    "weights": None, "tasks": tasks, "test": test, "final_weights": None,
+                    "selected_step": None,
+                    "wall_time_s": sum(r["wall_time_s"] for r in mine)})
+    return out
+
+
+def _aggregate(study: Study, runs: list[dict]) -> dict:
+    key = study.summary.key
+    T = study.num_tasks
+    entry: dict[str, Any] = {key: _mean_std([r[key] for r in runs])}
+    for name, first in _metric_lists(study, runs[0]["test"]).items():
+        entry[name] = [
+            _mean_std([_metric_lists(study, r["test"])[name][i] for r in runs])
+            if first[i] is not None else None for i in range(T)]
+    if runs[0]["final_weights"] is not None:
+        entry["final_weights"] = [_mean_std([r["final_weights"][i] for r in runs])
+                                  for i in range(T)]
+    else:
+        entry["final_weights"] = None
+    entry["wall_time_s"] = _mean_std([r["wall_time_s"] for r in runs])
+    return entry
+
+
+def summarize(study: Study, config: dict, records: list[dict],
+              grid: gridlib.Grid | None = None) -> dict:
+    """Everything summary.json holds (module docstring), from the run records."""
+    key = study.summary.key
+    singles = [r for r in records if r["method"] == "single"]
+    combined = _combine_single(study, singles) if singles else []
+    baseline = None
+    if combined:
+        baseline = {k: statistics.fmean(r["test"][k] for r in combined)
+                    for k in combined[0]["test"]}
+    if study.summary.needs_single and baseline is None:
+        raise ValueError(f"the {study.name} study's {key} needs the single-task baselines")
+    runs = []
+    for r in records:
+        run = dict(r)
+        run.update(_metric_lists(study, r["test"]))
+        if r["method"] != "single":
+            run[key] = study.summary_value(r["test"], baseline)
+        runs.append(run)
+    for r in combined:
+        r.update(_metric_lists(study, r["test"]))
+        r[key] = study.summary_value(r["test"], baseline)
     main_alpha = config["alpha"]
     methods: dict[str, dict] = {}
-    for method in config["methods"]:
-        runs = [s for s in summaries if s["method"] == method
-                and (method != "gradnorm" or s["alpha"] == main_alpha)]
-        if not runs:
+    listed = list(config["methods"])
+    if combined and "single" not in listed:  # added by the runner for the baselines
+        listed.insert(0, "single")
+    for method in listed:
+        if method == "grid":
             continue
-        methods[method] = {
-            "test_loss": [_mean_std([r["test_loss"][i] for r in runs]) for i in range(T)],
-            "normalized_test_loss": _mean_std([r["normalized_test_loss"] for r in runs]),
-            "final_weights": [_mean_std([r["final_weights"][i] for r in runs])
-                              for i in range(T)],
-            "wall_time_s": _mean_std([r["wall_time_s"] for r in runs]),
-        }
+        if method == "single":
+            chosen = combined
+        else:
+            chosen = [r for r in runs if r["method"] == method
+                      and (method != "gradnorm" or r["alpha"] == main_alpha)]
+        if chosen:
+            methods[method] = _aggregate(study, chosen)
     sweep = {}
-    for alpha in sorted({s["alpha"] for s in summaries if s["method"] == "gradnorm"}):
-        runs = [s for s in summaries if s["method"] == "gradnorm" and s["alpha"] == alpha]
-        sweep[str(alpha)] = {
-            "normalized_test_loss": _mean_std([r["normalized_test_loss"] for r in runs]),
-            "test_loss": [_mean_std([r["test_loss"][i] for r in runs]) for i in range(T)],
-            "final_weights": [_mean_std([r["final_weights"][i] for r in runs])
-                              for i in range(T)],
-        }
-    return {"config": config, "methods": methods, "alpha_sweep": sweep, "runs": summaries}
+    for alpha in sorted({r["alpha"] for r in runs if r["method"] == "gradnorm"}):
+        chosen = [r for r in runs if r["method"] == "gradnorm" and r["alpha"] == alpha]
+        sweep[str(alpha)] = _aggregate(study, chosen)
+    summary: dict[str, Any] = {"study": study_info(study), "config": config,
+                               "methods": methods, "alpha_sweep": sweep}
+    if grid is not None:
+        points: dict[int, list[float]] = {}
+        for r in runs:
+            if r["method"] == "grid":
+                points.setdefault(r["variant"], []).append(r[key])
+        compared = {}
+        for method in config["methods"]:
+            if method in ("grid", "single"):
+                continue
+            chosen = [r for r in runs if r["method"] == method
+                      and (method != "gradnorm" or r["alpha"] == main_alpha)]
+            if chosen and all(min(r["final_weights"]) > 0 for r in chosen):
+                compared[method] = {"weights": [r["final_weights"] for r in chosen],
+                                    "values": [r[key] for r in chosen]}
+        summary["grid"] = gridlib.compare(grid, points, compared,
+                                          study.summary.higher_is_better)
+    if baseline is not None:
+        summary["baseline"] = baseline
+    summary["runs"] = runs
+    return summary
 
 
-def _fmt(ms: dict, digits: int = 4) -> str:
+def _fmt(ms: dict | None, digits: int = 4) -> str:
+    if ms is None:
+        return "–"
     return f"{ms['mean']:.{digits}g} ± {ms['std']:.2g}"
 
 
-def write_summary(summary: dict, out: Path) -> None:
+def _weights(ws: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{w:.3g}" for w in ws) + ")"
+
+
+def _grid_lines(summary: dict) -> list[str]:
+    g = summary["grid"]
+    info = summary["study"]["summary"]
+    T = len(summary["study"]["task_names"])
+    lat = g["lattice"]
+    best = g["best"]
+    lines = ["## Grid of static weights", ""]
+    levels = ", ".join(f"{v:g}" for v in lat["levels"])
+    what = ("a sweep of log10(w_0 / w_1)" if T == 2
+            else f"a lattice of the {T - 1} log ratios log10(w_0 / w_i)")
+    text = (f"Each point is retrained from scratch with static weights (sum = {T}); "
+            f"{lat['points']} points: {what} on the levels {levels}")
+    if lat["equal_added"]:
+        text += " plus equal weights"
+    if lat["subsampled"]:
+        text += (f" ({lat['points']} of the lattice's {lat['lattice_size']} points: equal "
+                 f"weights and a uniform sample drawn with seed {lat['sample_seed']})")
+    better = "Higher" if info["higher_is_better"] else "Lower"
+    lines.append(f"{text}. {better} is better for {info['label']}.")
+    lines.append("")
+    coord = (f", log10(w_0/w_1) = {best['coords'][0]:g}" if T == 2 else "")
+    lines.append(f"**Best point**: w = {_weights(best['weights'])}{coord}: "
+                 f"{_fmt(best['metric'])} over {best['metric']['n']} seed(s).")
+    if best["at_edge"]:
+        which = ", ".join(f"w_0/w_{i}" for i in best["at_edge"])
+        lines.append("")
+        lines.append(f"**The best point is at the edge of the grid** ({which} at the end of "
+                     f"the range {lat['range']}): the optimum may lie outside; widen "
+                     "--grid-range.")
+    lines += ["", f"Distance: {g['distance']}. Gap: the method's mean minus the best "
+              "point's, signed so that positive is worse; within = |gap| <= the best point's "
+              "std over seeds.", ""]
+    head = ["method", "mean final w", "distance to best", "nearest point (its metric)",
+            info["label"], "gap", "gap / best std", "within best std"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in g["methods"].items():
+        near = g["points"][[p["position"] for p in g["points"]].index(m["nearest_point"])]
+        ratio = m["gap_over_best_std"]
+        lines.append("| " + " | ".join([
+            name, _weights(m["mean_weights"]), _fmt(m["distance"], 3),
+            f"{_weights(near['weights'])} ({_fmt(near['metric'])})", _fmt(m["metric"]),
+            f"{m['gap']:+.3g}", "–" if ratio is None else f"{ratio:+.2f}",
+            "yes" if m["within_best_std"] else "no"]) + " |")
+    lines.append("")
+    pts = g["points"]
+    sign = -1 if info["higher_is_better"] else 1
+    shown = pts if T == 2 else sorted(pts, key=lambda p: sign * p["metric"]["mean"])[:10]
+    title = "All points" if T == 2 or len(pts) <= 10 else f"The 10 best of {len(pts)} points"
+    lines += [f"{title}:", ""]
+    first = "log10(w_0/w_1)" if T == 2 else "log10(w_0/w_i), i = 1..T-1"
+    lines += [f"| {first} | w | {info['label']} |", "|---|---|---|"]
+    for p in shown:
+        c = ", ".join(f"{v:g}" for v in p["coords"])
+        c = c if T == 2 else f"({c})"
+        lines.append(f"| {c} | {_weights(p['weights'])} | {_fmt(p['metric'])} |")
+    lines.append("")
+    return lines
+
+
+def write_summary(summary: dict, out: Path, description: Sequence[str] = ()) -> None:
     """summary.json (everything) and summary.md (the tables)."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    cfg = summary["config"]
-    T = cfg["tasks"]
-    sig = ", ".join(f"{s:.3g}" for s in cfg["sigmas"])
-    lines = [
-        "# GradNorm toy study",
-        "",
-        f"T = {T} tasks, sigma = ({sig}), {cfg['steps']} steps, batch {cfg['batch_size']}, "
-        f"{cfg['seeds']} seed(s); GradNorm alpha = {cfg['alpha']}. Mean ± std over seeds.",
-        "",
-        "`total` is the sum over tasks of test MSE / sigma_i^2, so that the sigma = 100 task "
-        "does not hide the others.",
-        "",
-    ]
+    info = summary["study"]
+    T = len(info["task_names"])
+    label = info["summary"]["label"]
+    key = info["summary"]["key"]
+    lines = [f"# {info['title']}", "", *description, ""]
+    metrics = info["metrics"]
     if summary["methods"]:
-        head = ["method", "total (normalised)"] + [f"test MSE {i}" for i in range(T)]
+        head = ["method", label] + [f"test {m['label']} {m['task']}" for m in metrics]
         head += [f"final w_{i}" for i in range(T)] + ["wall time (s)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, m in summary["methods"].items():
-            cells = [method, _fmt(m["normalized_test_loss"])]
-            cells += [_fmt(t) for t in m["test_loss"]]
-            cells += [f"{w['mean']:.3g}" for w in m["final_weights"]]
+            cells = [method, _fmt(m[key])]
+            cells += [_fmt(m[f"test_{s['name']}"][s["task"]]) for s in metrics]
+            fw = m["final_weights"]
+            cells += [f"{w['mean']:.3g}" for w in fw] if fw is not None else ["–"] * T
             cells += [f"{m['wall_time_s']['mean']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if summary["alpha_sweep"]:
-        lines += ["## GradNorm test loss against alpha", "",
-                  "| alpha | total (normalised) | " + " | ".join(
-                      f"final w_{i}" for i in range(T)) + " |",
+        lines += ["## GradNorm against alpha", "",
+                  f"| alpha | {label} | " + " | ".join(f"final w_{i}" for i in range(T)) + " |",
                   "|---|---|" + "---|" * T]
         for alpha, a in summary["alpha_sweep"].items():
-            lines.append(f"| {alpha} | {_fmt(a['normalized_test_loss'])} | " + " | ".join(
+            lines.append(f"| {alpha} | {_fmt(a[key])} | " + " | ".join(
                 f"{w['mean']:.3g}" for w in a["final_weights"]) + " |")
         lines.append("")
+    if "grid" in summary:
+        lines += _grid_lines(summary)
     (out / "summary.md").write_text("\n".join(lines))

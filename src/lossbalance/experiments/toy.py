@@ -8,7 +8,9 @@ with B (100 x 250) drawn once with entries N(0, 10^2) (shared by all tasks) and 
 (100 x 250) drawn once per task with entries N(0, 3.5^2); x has entries U(0, 1). The scales
 sigma_i differ by orders of magnitude, so an unweighted sum of the tasks' MSE losses is ruled
 by the largest sigma. The model is the paper's: a 4 x 100 ReLU trunk and one affine head per
-task; GradNorm measures gradient norms at the last shared layer's weight.
+task; GradNorm measures gradient norms at the last shared layer's weight. Methods are ranked by
+the normalised test loss sum_i MSE_i / sigma_i^2 (lower is better), so that the sigma = 100
+task does not hide the others; the model of the last step is kept (no validation split).
 
 Everything random (the problem, the model's initialisation, the batches) comes from seeded
 ``torch.Generator``s, so the same configuration gives the same metrics.
@@ -17,19 +19,19 @@ Everything random (the problem, the model's initialisation, the batches) comes f
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import lossbalance as lb
-from lossbalance._taps import per_task_norms
+from . import runner
+from .study import Batch, GridDefaults, Metric, Study, Summary
 
-METHODS = ("equal", "gradnorm", "uncertainty", "static", "dtp")
 PAPER_ALPHAS = (0.0, 0.12, 0.5, 1.0, 1.5, 2.0, 3.0)
+METHODS = runner.METHODS
 
 
 def task_sigmas(num_tasks: int) -> list[float]:
@@ -37,59 +39,6 @@ def task_sigmas(num_tasks: int) -> list[float]:
     if num_tasks < 2:
         raise ValueError(f"the toy study needs at least 2 tasks, got {num_tasks}")
     return [10 ** (2 * i / (num_tasks - 1)) for i in range(num_tasks)]
-
-
-@dataclass
-class ToyConfig:
-    """One study: which methods, how long, with what data. Defaults are the README's run."""
-
-    tasks: int = 2
-    methods: tuple[str, ...] = METHODS
-    seeds: int = 3
-    steps: int = 2000
-    alpha: float = 0.12
-    alphas: tuple[float, ...] = PAPER_ALPHAS
-    batch_size: int = 100
-    train_size: int = 8000
-    test_size: int = 2000
-    lr: float = 1e-3
-    weight_lr: float = 0.025
-    dtp_gamma: float = 1.0
-    log_every: int = 10
-    eval_every: int = 100
-    data_seed: int = 0
-    sigmas: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.validate()
-        if not self.sigmas:
-            self.sigmas = task_sigmas(self.tasks)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        if isinstance(self.tasks, bool) or not isinstance(self.tasks, int) or self.tasks < 2:
-            raise ValueError(f"--tasks must be an integer >= 2, got {self.tasks}")
-        if not self.methods:
-            raise ValueError("--methods must name at least one method")
-        for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        for name in ("seeds", "steps", "batch_size", "train_size", "test_size", "log_every",
-                     "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
-        for name in ("lr", "weight_lr"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        for a in (self.alpha, *self.alphas):
-            if not math.isfinite(a) or a < 0:
-                raise ValueError(f"alpha must be a finite number >= 0, got {a}")
-        if not math.isfinite(self.dtp_gamma) or self.dtp_gamma < 0:
-            raise ValueError(f"--dtp-gamma must be >= 0, got {self.dtp_gamma}")
-        if self.sigmas and len(self.sigmas) != self.tasks:
-            raise ValueError(f"{len(self.sigmas)} sigmas for {self.tasks} tasks")
 
 
 @dataclass
@@ -103,15 +52,16 @@ class ToyData:
     sigmas: list[float]
 
 
-def make_data(cfg: ToyConfig) -> ToyData:
-    """Draw B, eps_i and the inputs once from ``cfg.data_seed``."""
-    gen = torch.Generator().manual_seed(cfg.data_seed)
+def make_toy_data(tasks: int, sigmas: Sequence[float], train_size: int, test_size: int,
+                  data_seed: int) -> ToyData:
+    """Draw B, eps_i and the inputs once from ``data_seed``."""
+    gen = torch.Generator().manual_seed(data_seed)
     B = torch.randn(100, 250, generator=gen) * 10.0
-    eps = [torch.randn(100, 250, generator=gen) * 3.5 for _ in range(cfg.tasks)]
-    x = torch.rand(cfg.train_size + cfg.test_size, 250, generator=gen)
-    ys = [s * torch.tanh(x @ (B + e).T) for s, e in zip(cfg.sigmas, eps, strict=True)]
-    n = cfg.train_size
-    return ToyData(x[:n], [y[:n] for y in ys], x[n:], [y[n:] for y in ys], list(cfg.sigmas))
+    eps = [torch.randn(100, 250, generator=gen) * 3.5 for _ in range(tasks)]
+    x = torch.rand(train_size + test_size, 250, generator=gen)
+    ys = [s * torch.tanh(x @ (B + e).T) for s, e in zip(sigmas, eps, strict=True)]
+    n = train_size
+    return ToyData(x[:n], [y[:n] for y in ys], x[n:], [y[n:] for y in ys], list(sigmas))
 
 
 class ToyNet(nn.Module):
@@ -132,18 +82,13 @@ class ToyNet(nn.Module):
         """The weight of the last shared layer, where GradNorm measures gradient norms."""
         return self.trunk[-2].weight
 
-
-@dataclass
-class Run:
-    """One training run's identity."""
-
-    method: str
-    seed: int
-    alpha: float | None = None
-    static_weights: list[float] | None = None
+    @property
+    def shared(self) -> nn.Parameter:
+        return self.last_shared
 
 
-def _batches(n: int, batch: int, steps: int, gen: torch.Generator) -> Iterator[Tensor]:
+def _batch_indices(n: int, batch: int, steps: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """``steps`` batches of indices: epochs of a random permutation, short batches dropped."""
     done = 0
     while done < steps:
         for idx in torch.randperm(n, generator=gen).split(batch):
@@ -155,139 +100,159 @@ def _batches(n: int, batch: int, steps: int, gen: torch.Generator) -> Iterator[T
                 return
 
 
-def _balancer(run: Run, cfg: ToyConfig) -> lb.Balancer:
-    T = cfg.tasks
-    if run.method == "equal":
-        return lb.EqualWeighting(T)
-    if run.method == "gradnorm":
-        return lb.GradNorm(T, alpha=run.alpha if run.alpha is not None else cfg.alpha,
-                           lr=cfg.weight_lr)
-    if run.method == "uncertainty":
-        return lb.UncertaintyWeighting(T, ["regression"] * T)
-    if run.method == "static":
-        assert run.static_weights is not None
-        return lb.StaticWeighting(run.static_weights)
-    if run.method == "dtp":
-        return lb.DynamicTaskPrioritization(T, gamma=cfg.dtp_gamma)
-    raise ValueError(run.method)
+def _positive_int(name: str, value: Any, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
 
 
-def test_losses(model: ToyNet, data: ToyData) -> list[float]:
-    """Per-task MSE on the held-out test set."""
-    with torch.no_grad():
+class ToyStudy(Study):
+    """The synthetic study on the runner (module docstring). Defaults are the README's run."""
+
+    name = "toy"
+    title = "GradNorm toy study"
+    summary = Summary(key="normalized_test_loss", label="total (normalised)",
+                      axis="test loss  Σ MSE_i / σ_i²", higher_is_better=False,
+                      stem="test_loss")
+    default_alpha = 0.12
+    default_alphas = PAPER_ALPHAS
+
+    def __init__(self, tasks: int = 2, steps: int = 2000, batch_size: int = 100,
+                 train_size: int = 8000, test_size: int = 2000, lr: float = 1e-3,
+                 log_every: int = 10, eval_every: int = 100, data_seed: int = 0,
+                 sigmas: Sequence[float] | None = None) -> None:
+        _positive_int("tasks", tasks, 2)
+        for name, value in (("steps", steps), ("batch_size", batch_size),
+                            ("train_size", train_size), ("test_size", test_size),
+                            ("log_every", log_every), ("eval_every", eval_every)):
+            _positive_int(name, value)
+        if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {lr}")
+        if batch_size > train_size:
+            raise ValueError(f"--batch-size {batch_size} is larger than the training set "
+                             f"({train_size})")
+        sigmas = list(sigmas) if sigmas else task_sigmas(tasks)
+        if len(sigmas) != tasks:
+            raise ValueError(f"{len(sigmas)} sigmas for {tasks} tasks")
+        if not all(math.isfinite(s) and s > 0 for s in sigmas):
+            raise ValueError(f"every sigma must be finite and > 0, got {sigmas}")
+        self.tasks, self.steps, self.batch_size = tasks, steps, batch_size
+        self.train_size, self.test_size, self.lr = train_size, test_size, lr
+        self.log_every, self.eval_every, self.data_seed = log_every, eval_every, data_seed
+        self.sigmas = sigmas
+        self.task_names = tuple(f"task {i}" for i in range(tasks))
+        self.task_labels = tuple(f"task {i} (σ={s:.3g})" for i, s in enumerate(sigmas))
+        self.task_kinds = ("regression",) * tasks
+        self.metrics = tuple(Metric("loss", i, higher_is_better=False, label="MSE")
+                             for i in range(tasks))
+        # T = 2: the ratio w_0/w_1 over 10^-1 .. 10^5, half a decade apart; T > 2: three
+        # levels per log ratio, a uniform sample of 24 lattice points and equal weights.
+        self.grid = (GridDefaults(range=(-1.0, 5.0), levels=13, max_points=64) if tasks == 2
+                     else GridDefaults(range=(-1.0, 3.0), levels=3, max_points=24))
+
+    def config(self) -> dict[str, Any]:
+        return {"tasks": self.tasks, "steps": self.steps, "batch_size": self.batch_size,
+                "train_size": self.train_size, "test_size": self.test_size, "lr": self.lr,
+                "log_every": self.log_every, "eval_every": self.eval_every,
+                "data_seed": self.data_seed, "sigmas": list(self.sigmas)}
+
+    def describe(self, config: Mapping[str, Any]) -> list[str]:
+        sig = ", ".join(f"{s:.3g}" for s in self.sigmas)
+        return [
+            f"T = {self.tasks} tasks, sigma = ({sig}), {self.steps} steps, batch "
+            f"{self.batch_size}, {config['seeds']} seed(s); GradNorm alpha = "
+            f"{config['alpha']}. Mean ± std over seeds.",
+            "",
+            "`total` is the sum over tasks of test MSE / sigma_i^2, so that the sigma = 100 "
+            "task does not hide the others.",
+        ]
+
+    def make_data(self) -> ToyData:
+        return make_toy_data(self.tasks, self.sigmas, self.train_size, self.test_size,
+                             self.data_seed)
+
+    def build_model(self, tasks: Sequence[int]) -> ToyNet:
+        return ToyNet(len(tasks))
+
+    def batches(self, data: ToyData, seed: int) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(10_000 + seed)  # batch order
+        for idx in _batch_indices(self.train_size, self.batch_size, self.steps, gen):
+            yield data.x_train[idx], [y[idx] for y in data.y_train]
+
+    def task_loss(self, task: int, prediction: Tensor, batch: Batch) -> Tensor:
+        return F.mse_loss(prediction, batch[1][task])
+
+    def evaluate(self, model: nn.Module, data: ToyData, split: str,
+                 tasks: Sequence[int]) -> dict[str, float]:
+        """Per-task MSE on the held-out test set (the toy has no other split)."""
+        if split != "test":
+            raise ValueError(f"the toy study has a test split only, not {split!r}")
         h = model.trunk(data.x_test)
-        return [float(F.mse_loss(head(h), y)) for head, y in
-                zip(model.heads, data.y_test, strict=True)]
+        return {f"loss_{t}": float(F.mse_loss(head(h), data.y_test[t]))
+                for head, t in zip(model.heads, tasks, strict=True)}
+
+    def summary_value(self, metrics: Mapping[str, float],
+                      baseline: Mapping[str, float] | None) -> float:
+        """sum_i test MSE_i / sigma_i^2."""
+        return sum(metrics[f"loss_{i}"] / s ** 2 for i, s in enumerate(self.sigmas))
 
 
-def train_run(run: Run, cfg: ToyConfig, data: ToyData,
-              on_step: Callable[[], None] | None = None) -> tuple[list[dict], dict]:
-    """Train one model with one balancer; returns (metric rows, final summary)."""
-    T = cfg.tasks
-    torch.manual_seed(run.seed)  # model initialisation
-    model = ToyNet(T)
-    bal = _balancer(run, cfg)
-    opt = torch.optim.Adam([*model.parameters(), *bal.parameters()], lr=cfg.lr)
-    gen = torch.Generator().manual_seed(10_000 + run.seed)  # batch order
-    rows: list[dict] = []
-    initial: Tensor | None = None
-    started = time.perf_counter()
-    for step, idx in enumerate(_batches(cfg.train_size, cfg.batch_size, cfg.steps, gen)):
-        x = data.x_train[idx]
-        opt.zero_grad(set_to_none=True)
-        h = model.trunk(x)
-        feats = bal.tap(h)
-        losses = [F.mse_loss(model.heads[i](feats[i]), data.y_train[i][idx]) for i in range(T)]
-        values = torch.stack([loss.detach() for loss in losses])
-        if initial is None:
-            initial = values.clone()
-        logging = step % cfg.log_every == 0 or step == cfg.steps - 1
-        weights = bal.weights
-        grad_norms = None
-        if logging and run.method != "gradnorm":
-            # ||grad_W (w_i L_i)|| for the other methods too, so the columns compare.
-            grad_norms = per_task_norms(losses, [model.last_shared]) * weights
-        if run.method == "dtp":
-            kpis = (1 - torch.clamp(values / initial, max=1.0)).clamp(0, 1)
-            bal.backward(losses, kpis=kpis)
-            weights = bal.stats["weight"]
-        elif run.method == "gradnorm":
-            bal.backward(losses, shared=model.last_shared)
-            grad_norms = bal.stats["grad_norm"]
-        else:
-            bal.backward(losses)
-            weights = bal.stats["weight"]
-        opt.step()
-        if on_step is not None:
-            on_step()
-        if logging:
-            row: dict = {"method": run.method, "alpha": "" if run.alpha is None else run.alpha,
-                         "seed": run.seed, "step": step}
-            ratio = values / initial
-            for i in range(T):
-                row[f"loss_{i}"] = float(values[i])
-                row[f"weight_{i}"] = float(weights[i])
-                row[f"loss_ratio_{i}"] = float(ratio[i])
-                row[f"grad_norm_{i}"] = float(grad_norms[i]) if grad_norms is not None else ""
-            evaluating = step % cfg.eval_every == 0 or step == cfg.steps - 1
-            tl = test_losses(model, data) if evaluating else None
-            for i in range(T):
-                row[f"test_loss_{i}"] = tl[i] if tl is not None else ""
-            rows.append(row)
-    final = test_losses(model, data)
-    summary = {
-        "method": run.method,
-        "alpha": run.alpha,
-        "seed": run.seed,
-        "test_loss": final,
-        "normalized_test_loss": sum(t / s ** 2 for t, s in zip(final, data.sigmas, strict=True)),
-        "final_weights": [float(w) for w in bal.weights],
-        "wall_time_s": time.perf_counter() - started,
-    }
-    return rows, summary
+# ---------------------------------------------------------------------- in-process use
+@dataclass
+class ToyConfig:
+    """A toy study and the runner's options in one object (for notebooks and scripts)."""
 
+    tasks: int = 2
+    methods: tuple[str, ...] = ("equal", "gradnorm", "uncertainty", "static", "dtp")
+    seeds: int = 3
+    steps: int = 2000
+    alpha: float = 0.12
+    alphas: tuple[float, ...] = PAPER_ALPHAS
+    batch_size: int = 100
+    train_size: int = 8000
+    test_size: int = 2000
+    lr: float = 1e-3
+    weight_lr: float = 0.025
+    dtp_gamma: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    data_seed: int = 0
+    sigmas: list[float] = field(default_factory=list)
+    grid_range: tuple[float, float] | None = None
+    grid_levels: int | None = None
+    grid_max_points: int | None = None
+    workers: int = 1
 
-def plan_runs(cfg: ToyConfig) -> list[Run]:
-    """The runs a study makes; static runs come after the GradNorm run of the same seed."""
-    runs: list[Run] = []
-    for seed in range(cfg.seeds):
-        gradnorm_alphas: set[float] = set()
+    def __post_init__(self) -> None:
+        self.options()  # validates
+        if not self.sigmas:
+            self.sigmas = list(self.study().sigmas)
 
-        def add_gradnorm(alpha: float, seed: int = seed, seen: set = gradnorm_alphas) -> None:
-            if alpha not in seen:
-                seen.add(alpha)
-                runs.append(Run("gradnorm", seed, alpha))
+    def study(self) -> ToyStudy:
+        return ToyStudy(self.tasks, self.steps, self.batch_size, self.train_size,
+                        self.test_size, self.lr, self.log_every, self.eval_every,
+                        self.data_seed, self.sigmas or None)
 
-        for m in cfg.methods:
-            if m == "gradnorm":
-                add_gradnorm(cfg.alpha)
-            elif m == "static":
-                add_gradnorm(cfg.alpha)  # its final weights are what static holds fixed
-                runs.append(Run("static", seed))
-            else:
-                runs.append(Run(m, seed))
-        for a in cfg.alphas:
-            add_gradnorm(a)
-    # a static run needs the GradNorm run of its seed first
-    return sorted(runs, key=lambda r: (r.seed, r.method == "static"))
+    def options(self) -> runner.Options:
+        return runner.Options(
+            methods=tuple(self.methods), seeds=self.seeds, alpha=self.alpha,
+            alphas=tuple(self.alphas), weight_lr=self.weight_lr, dtp_gamma=self.dtp_gamma,
+            grid_range=self.grid_range, grid_levels=self.grid_levels,
+            grid_max_points=self.grid_max_points, workers=self.workers,
+        ).resolved(self.study())
 
 
 def run_study(cfg: ToyConfig, on_step: Callable[[], None] | None = None
               ) -> tuple[list[dict], list[dict]]:
-    """Run every planned run; returns (all metric rows, per-run summaries)."""
-    data = make_data(cfg)
-    rows: list[dict] = []
-    summaries: list[dict] = []
-    final_weights: dict[int, list[float]] = {}
-    for run in plan_runs(cfg):
-        if run.method == "static":
-            run.static_weights = final_weights[run.seed]
-        r, s = train_run(run, cfg, data, on_step)
-        if run.method == "gradnorm" and run.alpha == cfg.alpha:
-            final_weights[run.seed] = s["final_weights"]
-        rows.extend(r)
-        summaries.append(s)
-    return rows, summaries
+    """Run every planned run; returns (metrics rows, per-run records with ``test_loss``
+    (per task) and ``normalized_test_loss``)."""
+    study, options = cfg.study(), cfg.options()
+    rows, records = runner.run_study(
+        study, options, None if on_step is None else (lambda n: [on_step() for _ in range(n)]))
+    for r in records:
+        r["test_loss"] = [r["test"].get(f"loss_{i}") for i in range(study.tasks)]
+        if r["method"] != "single":
+            r["normalized_test_loss"] = study.summary_value(r["test"], None)
+    return rows, records
 
 
 def config_dict(cfg: ToyConfig) -> dict:
