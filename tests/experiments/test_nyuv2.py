@@ -16,7 +16,7 @@ from lossbalance.experiments import nyuv2 as study
 from lossbalance.experiments.nyuv2_data import NYUv2, check_layout, write_fake
 from lossbalance.experiments.nyuv2_metrics import METRICS
 
-TINY = ["--width", "4", "--workers", "0", "--quiet", "--epochs", "1"]
+TINY = ["--width", "4", "--workers", "0", "--quiet", "--epochs", "1", "--device", "cpu"]
 METRIC_NAMES = [name for name, _, _ in METRICS]
 
 
@@ -99,7 +99,7 @@ def _without_time(rows):
 
 
 def test_resume_equals_an_uninterrupted_run(data, tmp_path):
-    flags = ["--data", str(data), "--width", "4", "--workers", "0", "--quiet",
+    flags = ["--data", str(data), "--width", "4", "--workers", "0", "--quiet", "--device", "cpu",
              "--methods", "gradnorm,dtp"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["nyuv2", *flags, "--out", str(whole), "--epochs", "2"]) == 0
@@ -242,7 +242,7 @@ def test_existing_out_needs_force_or_a_matching_resume(data, study_run, capsys):
 def test_resume_refuses_fewer_epochs_than_done(data, tmp_path, capsys):
     out = tmp_path / "o"
     flags = ["nyuv2", "--data", str(data), "--out", str(out), "--width", "4", "--workers", "0",
-             "--quiet", "--methods", "equal"]
+             "--quiet", "--device", "cpu", "--methods", "equal"]
     assert main([*flags, "--epochs", "2"]) == 0
     _refused([*flags[1:], "--epochs", "1", "--resume"], capsys, "at epoch 2, beyond --epochs 1")
 
