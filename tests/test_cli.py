@@ -9,12 +9,11 @@ import json
 import pytest
 
 from lossbalance.cli import main
-from lossbalance.experiments.runner import _gradnorm_has_log_weights
 
-METHODS = "equal,gradnorm,uncertainty,static,dtp,grid" + (
-    ",gradnorm-log" if _gradnorm_has_log_weights() else "")
+METHODS = "equal,gradnorm,gradnorm-log,uncertainty,static,dtp,grid"
 TINY = ["--steps", "12", "--seeds", "2", "--alphas", "0,1", "--log-every", "3",
-        "--eval-every", "6", "--quiet", "--methods", METHODS, "--grid-levels", "3"]
+        "--eval-every", "6", "--quiet", "--methods", METHODS, "--grid-levels", "3",
+        "--grid-range=-1,5"]
 
 
 def read_csv(path):
@@ -70,6 +69,7 @@ def test_outputs_and_columns(tiny_run, capsys):
         values = [r["normalized_test_loss"] for r in summary["runs"]
                   if r["method"] == "grid" and r["variant"] == p["position"]]
         assert abs(p["metric"]["mean"] - sum(values) / 2) < 1e-12
+        assert p["test"]["test_loss"][1]["n"] == 2
     best = min(grid["points"], key=lambda p: p["metric"]["mean"])
     assert grid["best"]["position"] == best["position"]
     assert {"gradnorm", "static", "equal"} <= set(grid["methods"])

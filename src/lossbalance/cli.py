@@ -109,7 +109,7 @@ def run_study_command(make_study: Callable[[], Any], flags: dict[str, Any]) -> N
 @cli.command()
 @study_options(methods="equal,gradnorm,uncertainty,static,dtp", alpha=0.12,
                alphas="0,0.12,0.5,1,1.5,2,3",
-               grid_help="-1,5 with 13 levels for 2 tasks; -1,3 with 3 levels and 24 points "
+               grid_help="-1,8 with 19 levels for 2 tasks; 0,4 with 3 levels and 10 points "
                "beyond")
 @click.option("--tasks", default=2, show_default=True, type=int,
               help="Number of tasks T: sigma = (1, 100) for 2, log-spaced over [1, 100] beyond.")

@@ -68,10 +68,12 @@ def _per_method_panels(rows: list[dict], summary: dict, prefix: str, ylabel: str
     labels = summary["study"]["task_labels"]
     methods = [m for m in config["methods"] if any(r["method"] == m for r in rows)]
     T = len(labels)
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.3), squeeze=False,
-                             sharey=not log)
+    cols = min(len(methods), 4)
+    nrows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.1 * nrows + 0.3),
+                             squeeze=False, sharey=not log)
     colors = plt.get_cmap("tab10" if T <= 10 else "viridis")
-    for ax, method in zip(axes[0], methods, strict=True):
+    for ax, method in zip(axes.flat, methods, strict=False):
         mrows = [r for r in rows if r["method"] == method]
         for i in range(T):
             color = colors(i if T <= 10 else i / max(T - 1, 1))
@@ -84,7 +86,10 @@ def _per_method_panels(rows: list[dict], summary: dict, prefix: str, ylabel: str
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=6 if T > 4 else 7)
     fig.suptitle(title)
     _save(fig, path)

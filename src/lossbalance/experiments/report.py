@@ -157,6 +157,10 @@ def summarize(study: Study, config: dict, records: list[dict],
                                     "values": [r[key] for r in chosen]}
         summary["grid"] = gridlib.compare(grid, points, compared,
                                           study.summary.higher_is_better)
+        for p in summary["grid"]["points"]:  # each point's test metrics too
+            chosen = [r for r in runs if r["method"] == "grid" and r["variant"] == p["position"]]
+            agg = _aggregate(study, chosen)
+            p["test"] = {k: v for k, v in agg.items() if k.startswith("test_")}
     if baseline is not None:
         summary["baseline"] = baseline
     summary["runs"] = runs

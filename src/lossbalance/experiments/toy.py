@@ -144,10 +144,12 @@ class ToyStudy(Study):
         self.task_kinds = ("regression",) * tasks
         self.metrics = tuple(Metric("loss", i, higher_is_better=False, label="MSE")
                              for i in range(tasks))
-        # T = 2: the ratio w_0/w_1 over 10^-1 .. 10^5, half a decade apart; T > 2: three
-        # levels per log ratio, a uniform sample of 24 lattice points and equal weights.
-        self.grid = (GridDefaults(range=(-1.0, 5.0), levels=13, max_points=64) if tasks == 2
-                     else GridDefaults(range=(-1.0, 3.0), levels=3, max_points=24))
+        # T = 2: the ratio w_0/w_1 over 10^-1 .. 10^8, half a decade apart (at 2000 steps
+        # the normalised test loss is lowest near 10^6 and rises again by 10^7 and 10^8);
+        # T > 2: log10(w_0/w_i) in {0, 2, 4} (the larger sigma_i, the smaller w_i should
+        # be), equal weights and a uniform sample of 9 more of the 3^(T-1) lattice points.
+        self.grid = (GridDefaults(range=(-1.0, 8.0), levels=19, max_points=64) if tasks == 2
+                     else GridDefaults(range=(0.0, 4.0), levels=3, max_points=10))
 
     def config(self) -> dict[str, Any]:
         return {"tasks": self.tasks, "steps": self.steps, "batch_size": self.batch_size,
