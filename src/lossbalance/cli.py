@@ -203,6 +203,39 @@ def nyuv2(data: Path, out: Path, force: bool, resume: bool, methods: str, seeds:
     click.echo(line)
 
 
+@cli.command()
+@study_options(methods="single,equal,gradnorm,gradnorm-log,uncertainty,dtp,static,grid",
+               alpha=1.5, alphas="0,0.5,1,1.5,2,3",
+               grid_help="-1.5,1.5 with 3 levels, 27 points")
+@click.option("--epochs", default=20, show_default=True, type=int,
+              help="Passes over the training pairs; validation after each (model selection).")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--lr", default=1e-2, show_default=True, type=float, help="Model (Adam) lr.")
+@click.option("--train-pairs", default=8000, show_default=True, type=int,
+              help="Pairs drawn from the training split's source images.")
+@click.option("--val-pairs", default=2000, show_default=True, type=int)
+@click.option("--test-pairs", default=2000, show_default=True, type=int)
+@click.option("--data-seed", default=0, show_default=True, type=int,
+              help="Seed of the source split and of the pairs (the same for every run).")
+@click.option("--log-every", default=10, show_default=True, type=int,
+              help="Steps between rows of metrics.csv.")
+def digits(epochs: int, batch_size: int, lr: float, train_pairs: int, val_pairs: int,
+           test_pairs: int, data_seed: int, log_every: int, **flags: Any) -> None:
+    """Pairs of scikit-learn's 8x8 digits: two classifications and two regressions of
+    different scales on one trunk; delta_m% against one network per task."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise click.UsageError(
+            "the digits study needs scikit-learn: pip install 'lossbalance[digits]'") from None
+    from .experiments.digits import DigitsStudy
+
+    run_study_command(lambda: DigitsStudy(
+        epochs=epochs, batch_size=batch_size, lr=lr, train_pairs=train_pairs,
+        val_pairs=val_pairs, test_pairs=test_pairs, data_seed=data_seed, log_every=log_every,
+    ), flags)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a bad flag gives one line on stderr and exit status 2."""
     try:
