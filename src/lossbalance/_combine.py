@@ -1,4 +1,8 @@
-"""How GradNorm's L_i and G_i combine over micro-batches (accumulation) and processes (DDP).
+"""combine: what *measure* found, over micro-batches (accumulation) and processes (DDP).
+
+The step's second stage: ``over_processes`` turns one process's ``Measurement`` into that of
+all processes together, ``Window`` sums the calls of an accumulation window, so that the
+update sees what one process would measure on the whole batch.
 
 Two kinds of tensors carry the norms. At per-sample tensors (the tapped h, or any non-leaf
 tensor) each micro-batch or process holds the gradient of its own samples, so the norm of the
@@ -18,9 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch import distributed as dist
+
+from ._taps import Measurement, row_norms
 
 
 def mean_over_processes(values: Tensor, group: Any, *, in_place: bool = False) -> Tensor:
@@ -31,11 +36,6 @@ def mean_over_processes(values: Tensor, group: Any, *, in_place: bool = False) -
     return values.div_(dist.get_world_size(group))
 
 
-def row_norms(vectors: Tensor) -> Tensor:
-    """||v_i|| for each row of a [T, P] tensor."""
-    return torch.linalg.vector_norm(vectors, dim=1)
-
-
 def norms_over_processes(norms: Tensor, per_sample: bool, group: Any) -> Tensor:
     """G_i over the processes: root of the summed squares / P at h, the mean at parameters."""
     size = dist.get_world_size(group)
@@ -44,6 +44,22 @@ def norms_over_processes(norms: Tensor, per_sample: bool, group: Any) -> Tensor:
         dist.all_reduce(squares, group=group)
         return squares.sqrt_().div_(size)
     return mean_over_processes(norms, group)
+
+
+def over_processes(measured: Measurement, group: Any, window: bool) -> Measurement:
+    """The Measurement of all processes of ``group`` together (one all-reduce).
+
+    Kept per-task gradients are averaged and their norms taken (the exact G_i) when each call
+    makes an update; within an accumulation window (``window``) the processes average the
+    window's sums once, at its end, and each call all-reduces its T norms only (root of the
+    summed squares / P at per-sample tensors, the mean at parameters), so that every process
+    agrees on a non-finite one.
+    """
+    if measured.vectors is not None and not window:
+        vectors = mean_over_processes(measured.vectors, group, in_place=True)
+        return measured._replace(norms=row_norms(vectors), vectors=vectors)
+    return measured._replace(norms=norms_over_processes(measured.norms, measured.per_sample,
+                                                        group))
 
 
 class Window:

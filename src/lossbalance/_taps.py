@@ -1,4 +1,9 @@
-"""Per-task gradient capture: norms of each task's gradient at h or at shared parameters.
+"""measure: per-task gradient quantities at h or at shared tensors (the step's first stage).
+
+``measure_at_tap`` (fast path) and ``measure_general`` (no tap) each return a ``Measurement``
+of one call: G_i = ||grad_S (w_i L_i)|| for every task at the shared tensors S and, where the
+exact combination needs them, the per-task gradients themselves. ``Site`` says where a call
+measures; the rest of this module is how.
 
 Fast path (``tap``): every head consumes the shared representation h itself. Before the one
 ordinary backward of sum_i w_i L_i, the graph is walked from each loss to find the autograd
@@ -24,13 +29,15 @@ network it measured 2.8x the plain step at T=10 and 10.8x at T=64, the loop 1.8x
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _graph, _native
+from ._checks import first_nonfinite
+from .balancers.base import _like
 
 # Element-wise activations whose Jacobian is diagonal: their VJP of a ones tensor is that diagonal.
 _ELEMENTWISE = frozenset(
@@ -68,6 +75,94 @@ class Tap:
 
     def __init__(self, h: Tensor) -> None:
         self.h = h
+
+
+class Site(NamedTuple):
+    """Where one call measures, decided and checked before anything changes.
+
+    ``h``: the tapped representation (fast path), or None (general path); ``shared``: the
+    shared tensors S ([] for norms at h itself); ``pattern``: h = act(x @ W.T + b) when S are
+    that ``nn.Linear``'s parameters (fast path), else None; ``per_sample``: whether the
+    gradients at S are per-sample (h, non-leaf tensors: parts of a batch combine as the root of
+    their summed squares) or a parameter's (parts add up); ``keep``: whether to keep each
+    task's gradient at S, for the exact combination at parameters (``lossbalance._combine``).
+    """
+
+    h: Tensor | None
+    shared: list[Tensor]
+    pattern: LinearPattern | None
+    per_sample: bool
+    keep: bool
+
+
+class Measurement(NamedTuple):
+    """What *measure* found in one call, for T tasks at the shared tensors S.
+
+    ``norms``: G_i = ||grad_S (w_i L_i)|| [T] with w the weights the backward used, the
+    gradient scaler's scale divided out (float32 or wider). ``vectors``: grad_S (w_i L_i)
+    flattened, [T, P] in ``shared``'s order (see ``per_task_vectors``), when ``Site.keep``,
+    else None. ``per_sample``: as ``Site.per_sample``. ``total``: sum_i w_i L_i (detached)
+    when the measurement ran the model's backward (fast path), else None (the general path
+    measures before it).
+
+    The aggregation methods (MGDA, PCGrad, CAGrad, ...) need the tasks' Gram matrix
+    <g_i, g_j> at h or at W; it belongs here beside ``norms`` (its diagonal is norms^2),
+    measured from the same g_i or delta_i (see DESIGN.md); it is not built yet.
+    """
+
+    norms: Tensor
+    vectors: Tensor | None
+    per_sample: bool
+    total: Tensor | None
+
+
+def measure_at_tap(capture: Capture, site: Site, backward: Callable[[], Tensor],
+                   scale: Tensor | None) -> Measurement:
+    """Fast path: run ``backward`` (the model's one ordinary backward of sum_i w_i L_i,
+    returning the detached total) with ``capture``'s hooks on each head's reads of h.
+
+    Returns the Measurement of this call: G_i at h or at ``site.shared`` (divided by the
+    gradient scaler's ``scale`` when there is one: the backward ran on scaled losses), the
+    per-task gradients when ``site.keep``, and the total. ``capture.walk`` must have found
+    the heads' nodes (the graph check does it).
+    """
+    capture.begin(site.h, site.shared, site.pattern, vectors=site.keep)
+    try:
+        total = backward()
+        norms = capture.finish()  # G_i = ||grad_S (w_i L_i)||
+        vectors = capture.vectors  # grad_S (w_i L_i) when kept, else None
+    finally:
+        capture.end()
+    if scale is not None:
+        norms = norms / scale.to(norms)
+        vectors = None if vectors is None else vectors / scale.to(vectors)
+    return Measurement(norms, vectors, site.per_sample, total)
+
+
+def measure_general(losses: Sequence[Tensor], site: Site, weights: Tensor, batched: bool,
+                    scale: Tensor | None) -> Measurement:
+    """General path (no tap): the T per-task gradients dL_i/dS from ``autograd.grad``, one
+    call per task, or one batched call (``batched``; its non-finite results are redone by
+    the loop, which alone tells which task overflowed), before the model's backward.
+
+    Returns the Measurement with G_i = w_i ||dL_i/dS|| (``weights``: w as the backward will
+    use them), the weighted per-task gradients when ``site.keep``, and ``total`` None: the
+    caller runs the backward once the norms are known to be finite.
+    """
+    measure = per_task_vectors if site.keep else per_task_norms
+    grads = measure(losses, site.shared, batched, scale)
+    norms = row_norms(grads) if site.keep else grads
+    if batched and first_nonfinite(norms) is not None:
+        grads = measure(losses, site.shared, False, scale)  # the right task
+        norms = row_norms(grads) if site.keep else grads
+    norms_w = _like(weights, norms) * norms
+    vectors = grads.mul_(_like(weights, grads)[:, None]) if site.keep else None
+    return Measurement(norms_w, vectors, site.per_sample, None)
+
+
+def row_norms(vectors: Tensor) -> Tensor:
+    """||v_i|| for each row of a [T, P] tensor."""
+    return torch.linalg.vector_norm(vectors, dim=1)
 
 
 def _flat_norms(g: Tensor) -> Tensor:

@@ -16,7 +16,9 @@ sum_i w_i = T. Because G_i = w_i ||grad_W L_i|| with ||grad_W L_i|| independent 
     dL_grad / dw_i = sign(G_i - target_i) * || grad_W L_i ||,
 
 so no second-order graph (``create_graph``) and no per-task backward is needed: the per-task
-norms come from one ordinary backward (see ``lossbalance._taps``).
+norms come from one ordinary backward. A step runs in three stages: *measure* the G_i of this
+call (``lossbalance._taps``), *combine* them over an accumulation window and over processes
+(``lossbalance._combine``), *update* the weights (``lossbalance._update``).
 
 Option ``log_weights=True`` (not in the paper): the optimizer steps s_i = log w_i instead of
 w_i. By the chain rule, with w_i = exp(s_i),
@@ -33,8 +35,8 @@ when Adam's steps of ~lr exceed the weight itself), and it never reaches zero.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -42,17 +44,21 @@ from torch import Tensor
 from torch import distributed as dist
 
 from .. import _checks, _graph, _native
-from .._adam import plain_adam_args, plain_adam_step
-from .._combine import Window, mean_over_processes, norms_over_processes, row_norms
+from .._adam import plain_adam_args
+from .._combine import Window, mean_over_processes, over_processes
 from .._taps import (
     Capture,
     LinearPattern,
+    Measurement,
+    Site,
     Tap,
     Workspace,
     linear_pattern,
-    per_task_norms,
-    per_task_vectors,
+    measure_at_tap,
+    measure_general,
+    row_norms,
 )
+from .._update import gradnorm_rule, step_log_weights, step_weights
 from .base import Balancer, SharedLike, _like, _set
 
 
@@ -329,6 +335,7 @@ class GradNorm(Balancer):
         self, losses: list[Tensor], stacked: Tensor, values: Tensor, shared: SharedLike,
         **signals: Any
     ) -> Tensor:
+        """measure, combine, update: see DESIGN.md "One step, in three stages"."""
         self._no_signals(signals)
         tap = self._tap
         _set(self, "_tap", None)
@@ -336,112 +343,111 @@ class GradNorm(Balancer):
         first = not self._initialized
         if first and self.alpha > 0:
             _checks.check_initial_losses(values, self.task_names)
+        site = self._site(losses, tap, shared_list)  # every check, before anything changes
+        w = self._buffers["task_weights"].clone()  # the weights of this step (the buffer changes)
+        k = self.accumulation_steps
+        w_back = w if k == 1 else w / k  # a window's calls each backpropagate 1/k of it
+        # the scaler's scale as a tensor (no host sync): norms of scaled gradients / scale
+        scale = None if self._scaler is None else self._scaler.scale(values.new_ones(()))
+
+        # 1. measure G_i of this call (the fast path's hooks run in the model's backward)
+        if site.h is not None:
+            measured = measure_at_tap(self._capture, site,
+                                      partial(self._weighted_backward, stacked, w_back), scale)
+        else:
+            measured = measure_general(losses, site, w_back, self.general_path == "batched",
+                                       scale)
+        # 2. combine over the processes, so that every process decides alike on a non-finite
+        # norm; the general path backpropagates once that is known (on an overflow of scaled
+        # gradients it still runs, so that the scaler sees it and skips the optimizer step) ...
+        measured = self._over_processes(measured)
+        finite = self._check_finite_norms(measured.norms,
+                                          before_backward=measured.total is None)
+        total = measured.total
+        if total is None:
+            total = (self._weighted_backward(stacked, w_back) if finite or scale is not None
+                     else values @ _like(w_back, values))
+        # ... and over the accumulation window: L_i and G_i to update from, once a window
+        combined = self._over_window(values, measured, finite)
+        # 3. update the weights (and commit)
+        if combined is not None:
+            self._update(*combined, w, first)
+        return total
+
+    def _site(self, losses: list[Tensor], tap: Tap | None, shared: list[Tensor]) -> Site:
+        """Where this call measures (see ``_taps.Site``), with the graph and the window
+        checked: raises before anything changes."""
         # per-sample tensors (h): norms of a window or of processes combine as root of the
         # summed squares; parameters: as a sum (window) or mean (processes)
-        per_sample = (not shared_list) if tap is not None else all(
-            not t.is_leaf for t in shared_list)
+        per_sample = (not shared) if tap is not None else all(not t.is_leaf for t in shared)
         k = self.accumulation_steps
         # exact G_i at parameters over micro-batches or processes: keep the per-task gradients
         keep = (self.parameter_norms == "exact" and (k > 1 or self.distributed is not False)
-                and not per_sample and all(t.is_leaf for t in shared_list))
+                and not per_sample and all(t.is_leaf for t in shared))
+        pattern = None
         if tap is not None:
-            pattern = self._check_fast_graph(losses, tap, shared_list, keep)
-        elif not shared_list:
+            pattern = self._check_fast_graph(losses, tap, shared, keep)
+        elif not shared:
             raise ValueError(
                 "shared=None measures gradient norms at the tapped representation: call "
                 "feats = bal.tap(h) and feed feats[i] to head i, or pass shared= parameters"
             )
         else:
-            self._check_general_graph(losses, shared_list)
+            self._check_general_graph(losses, shared)
         if k > 1:
-            self._window.check(per_sample, (self.num_tasks, sum(t.numel() for t in shared_list))
+            self._window.check(per_sample, (self.num_tasks, sum(t.numel() for t in shared))
                                if keep else None)
-        weights = self._buffers["task_weights"]
-        w = weights.clone()  # the weights of this step (the buffer changes below)
-        w_back = w if k == 1 else w / k  # a window's calls each backpropagate 1/k of it
-        # the scaler's scale as a tensor (no host sync): norms of scaled gradients / scale
-        scale = None if self._scaler is None else self._scaler.scale(values.new_ones(()))
-        if tap is not None:
-            capture = self._capture
-            capture.begin(tap.h, shared_list, pattern, vectors=keep)
-            try:
-                total = self._weighted_backward(stacked, w_back)
-                grad_norm_w = capture.finish()  # G_i = ||grad_W (w_i L_i)||
-                vectors = capture.vectors  # grad_W (w_i L_i) when kept, else None
-            finally:
-                capture.end()
-            if scale is not None:
-                grad_norm_w = grad_norm_w / scale.to(grad_norm_w)
-                vectors = None if vectors is None else vectors / scale.to(vectors)
-            grad_norm_w, vectors = self._over_processes(grad_norm_w, vectors, per_sample)
-            if k == 1 and self._native_update(grad_norm_w, w, values, first):
-                return total  # (it checked the norms: all finite)
-            finite = self._check_finite_norms(grad_norm_w, before_backward=False)
-        else:
-            batched = self.general_path == "batched"
-            measure = per_task_vectors if keep else per_task_norms
-            grads = measure(losses, shared_list, batched, scale)
-            grad_norm = row_norms(grads) if keep else grads
-            if batched and _checks.first_nonfinite(grad_norm) is not None:
-                grads = measure(losses, shared_list, False, scale)  # the right task
-                grad_norm = row_norms(grads) if keep else grads
-            grad_norm_w = _like(w_back, grad_norm) * grad_norm
-            vectors = grads.mul_(_like(w_back, grads)[:, None]) if keep else None
-            grad_norm_w, vectors = self._over_processes(grad_norm_w, vectors, per_sample)
-            finite = self._check_finite_norms(grad_norm_w, before_backward=True)
-            if finite or scale is not None:
-                # on an overflow of scaled gradients the backward still runs, so that the
-                # scaler sees it and skips the optimizer step
-                total = self._weighted_backward(stacked, w_back)
-            else:
-                total = values @ _like(w_back, values)
-        if k > 1:  # one weights' update a window, from the window's L_i and G_i
-            window = self._window.add(values, grad_norm_w, per_sample, finite, vectors)
+        return Site(None if tap is None else tap.h, shared, pattern, per_sample, keep)
+
+    def _over_processes(self, measured: Measurement) -> Measurement:
+        """Stage 2 over the processes (``_combine.over_processes``); as is without DDP."""
+        if self.distributed is False:
+            return measured
+        return over_processes(measured, self._group(), self.accumulation_steps > 1)
+
+    def _over_window(self, values: Tensor, measured: Measurement, finite: bool
+                     ) -> tuple[Tensor, Tensor] | None:
+        """Stage 2 over the accumulation window: (L_i, G_i) to update from, or None (a call
+        inside a window, or a non-finite norm). At the window's last call: the window's mean
+        L_i and G_i of its summed gradient (exact at h; at parameters from the summed
+        per-task gradients when kept, else the sum of the calls' norms)."""
+        norms = measured.norms
+        if self.accumulation_steps > 1:
+            window = self._window.add(values, norms, measured.per_sample, finite,
+                                      measured.vectors)
             if window is None:
-                return total
-            values, grad_norm_w, finite, vectors = window
+                return None
+            values, norms, finite, vectors = window
             _set(self, "last_step_skipped", not finite)
             if vectors is not None and finite:  # G_i of the window's summed gradients
                 if self.distributed is not False:
                     vectors = mean_over_processes(vectors, self._group(), in_place=True)
-                grad_norm_w = row_norms(vectors)
-                finite = self._check_finite_norms(grad_norm_w, before_backward=False)
-        if not finite:
-            return total
-        # (the fast path without a window tried the C++ update above already)
-        if (tap is None or k > 1) and self._native_update(grad_norm_w, w, values, first):
-            return total
-        grad_norm = grad_norm_w / _like(w, grad_norm_w)  # ||grad_W L_i||
+                norms = row_norms(vectors)
+                finite = self._check_finite_norms(norms, before_backward=False)
+        return (values, norms) if finite else None
 
-        l0 = values if first else _like(self._buffers["initial_losses"], values)
-        loss_ratio = _like(values / l0, grad_norm)
-        inverse_rate = loss_ratio / loss_ratio.mean()
-        target = grad_norm_w.mean() * inverse_rate.pow(self.alpha)
-        gap = grad_norm_w - target
-        dweights = torch.sign(gap).mul_(grad_norm)
-
+    def _update(self, values: Tensor, grad_norm_w: Tensor, w: Tensor, first: bool) -> None:
+        """Stage 3 and the commit: the paper's rule (``_update.gradnorm_rule``), one step of
+        the weights' optimizer on w or on log w, the floor and the renormalisation, the step
+        count and ``stats`` (the C++ update does all of it when it serves)."""
+        if self._native_update(grad_norm_w, w, values, first):
+            return
+        initial = values if first else _like(self._buffers["initial_losses"], values)
+        rule = gradnorm_rule(grad_norm_w, w, values, initial, self.alpha)
         # Commit: everything below changes state; nothing below can fail on user input.
         # (The buffers need no autograd: none of them requires grad.)
         if first:
             self.initial_losses.copy_(values)
             self._initialized = True
         if self.log_weights:
-            log_w = self._buffers["task_log_weights"]
-            dlog = dweights.mul_(_like(w, dweights))  # dL_grad/ds_i = w_i dL_grad/dw_i
-            self._update_weights(log_w, _like(dlog, log_w))
-            log_w.clamp_(min=math.log(self.min_weight))
-            log_w.sub_(torch.logsumexp(log_w, 0).sub_(math.log(self.num_tasks)))
-            torch.exp(log_w, out=weights)
+            step_log_weights(self._optimizer, self._buffers["task_log_weights"],
+                             self._buffers["task_weights"], rule.dweights, w, self.min_weight)
         else:
-            self._update_weights(weights, _like(dweights, weights))
-            weights.clamp_(min=self.min_weight)
-            # T / sum, as Tensor.__rtruediv__ computes it (reciprocal, times T) without its
-            # Python wrapper
-            weights.mul_(weights.sum().reciprocal_().mul_(self.num_tasks))
+            step_weights(self._optimizer, self._buffers["task_weights"], rule.dweights,
+                         self.min_weight)
         self._buffers["num_steps"].add_(1)
-        self._set_stats(w, grad_norm_w, target, loss_ratio, inverse_rate,
-                        torch.linalg.vector_norm(gap, 1))  # L_grad = sum_i |gap_i|
-        return total
+        self._set_stats(w, grad_norm_w, rule.target, rule.loss_ratio, rule.inverse_rate,
+                        torch.linalg.vector_norm(rule.gap, 1))  # L_grad = sum_i |gap_i|
 
     def _set_stats(self, w: Tensor, grad_norm_w: Tensor, target: Tensor, loss_ratio: Tensor,
                    inverse_rate: Tensor, gradnorm_loss: Tensor) -> None:
@@ -456,9 +462,9 @@ class GradNorm(Balancer):
 
     def _native_update(self, grad_norm_w: Tensor, w: Tensor, values: Tensor, first: bool
                        ) -> bool:
-        """The rest of the step, from the norms on (the arithmetic below, the Adam step, the
-        floor, the renormalisation, the statistics), as one C++ loop over the tasks
-        (``lossbalance._native``; equal to the code below up to float rounding), when the
+        """What ``_update`` does for the paper's update (the rule, the Adam step, the floor,
+        the renormalisation, the statistics), as one C++ loop over the tasks
+        (``lossbalance._native``; equal to the Python code up to float rounding), when the
         module is built, the weights' optimizer is a plain fused Adam with its state made,
         every T-vector is a contiguous float32/float64 CPU tensor of the weights' dtype and
         every norm is finite. Returns False, changing nothing, otherwise."""
@@ -491,29 +497,6 @@ class GradNorm(Balancer):
             use = _native.load() is not None
             _set(self, "_use_native", use)
         return _native.loaded() if use else None
-
-    def _over_processes(self, grad_norm_w: Tensor, vectors: Tensor | None, per_sample: bool
-                        ) -> tuple[Tensor, Tensor | None]:
-        """G_i (and the kept per-task gradients) over the processes, see ``_combine``.
-
-        Kept gradients are averaged here when each call makes an update; in an accumulation
-        window the processes average the window's sums once, at its end, and each call
-        all-reduces its T norms only, so that every process agrees on a non-finite one.
-        """
-        if self.distributed is False:
-            return grad_norm_w, vectors
-        group = self._group()
-        if vectors is not None and self.accumulation_steps == 1:
-            vectors = mean_over_processes(vectors, group, in_place=True)  # this step's own
-            return row_norms(vectors), vectors
-        return norms_over_processes(grad_norm_w, per_sample, group), vectors
-
-    def _update_weights(self, p: Tensor, dweights: Tensor) -> None:
-        """One step of the weights' optimizer with gradient ``dweights``."""
-        if not plain_adam_step(self._optimizer, p, dweights):
-            p.grad = dweights
-            self._optimizer.step()
-            p.grad = None
 
     def _check_finite_norms(self, grad_norm_w: Tensor, *, before_backward: bool) -> bool:
         bad = _checks.first_nonfinite(grad_norm_w)
