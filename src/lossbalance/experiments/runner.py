@@ -67,7 +67,7 @@ def _gradnorm_has_log_weights() -> bool:
 class Options:
     """What the runner does with a study (the flags every study command shares).
 
-    ``alpha`` None takes the study's ``default_alpha`` (else 1.5); ``alphas`` None the study's
+    ``alpha`` None takes the study's ``default_alpha``; ``alphas`` None the study's
     ``default_alphas``; the grid settings None the study's ``grid`` defaults; ``workers`` None
     one worker per available CPU (at most one per run); ``workers`` 1 trains in this process.
     """
@@ -89,7 +89,7 @@ class Options:
         opts = dataclasses.replace(
             self,
             methods=tuple(self.methods),
-            alpha=self.alpha if self.alpha is not None else getattr(study, "default_alpha", 1.5),
+            alpha=self.alpha if self.alpha is not None else study.default_alpha,
             alphas=tuple(self.alphas if self.alphas is not None else study.default_alphas),
             grid_range=tuple(self.grid_range if self.grid_range is not None
                              else study.grid.range),

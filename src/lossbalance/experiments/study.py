@@ -7,7 +7,7 @@ else: the methods and their balancers, seeds, the static retrain, the grid of st
 the alpha sweep, the training loop, worker processes, the files and the plots.
 
 A new study is a subclass of :class:`Study` with its ``__init__`` (the settings, validated)
-and the six abstract methods; the toy study (``experiments.toy``) is the worked example.
+and the seven abstract methods; the toy study (``experiments.toy``) is the worked example.
 
 The multi-task summary that compares against single-task baselines is
 
@@ -103,7 +103,8 @@ class Study(ABC):
     - ``selection_split``: None to keep the last step's model; a split name ("val") to keep
       the model of the evaluation with the best :meth:`selection_score` on that split. The
       final test metrics are always those of the kept model on the "test" split.
-    - ``grid``: the default grid (:class:`GridDefaults`); ``default_alphas``: the alpha sweep.
+    - ``grid``: the default grid (:class:`GridDefaults`); ``default_alpha``: GradNorm's alpha
+      for the method comparison; ``default_alphas``: the alpha sweep.
 
     Everything random must come from ``seed`` (the runner seeds ``torch``'s global generator
     with it before :meth:`build_model`), so that the same settings give the same metrics in
@@ -118,6 +119,7 @@ class Study(ABC):
     metrics: tuple[Metric, ...] = ()
     summary: Summary
     grid: GridDefaults
+    default_alpha: float = 1.5
     default_alphas: tuple[float, ...] = (0.0, 0.12, 0.5, 1.0, 1.5, 2.0, 3.0)
     steps: int = 1
     log_every: int = 10
