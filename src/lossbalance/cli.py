@@ -140,7 +140,8 @@ def toy(tasks: int, steps: int, batch_size: int, lr: float, log_every: int, eval
                    "--epochs may grow).")
 @click.option("--methods", default="single,equal,gradnorm,uncertainty,dtp,static",
               show_default=True,
-              help="Comma-separated: single, equal, gradnorm, uncertainty, dtp, static.")
+              help="Comma-separated: single, equal, gradnorm, gradnorm-log (GradNorm on log "
+                   "w), uncertainty, dtp, static.")
 @click.option("--seeds", default=1, show_default=True, type=int, help="Runs per method.")
 @click.option("--epochs", default=200, show_default=True, type=int)
 @click.option("--batch-size", default=2, show_default=True, type=int)
@@ -152,7 +153,7 @@ def toy(tasks: int, steps: int, batch_size: int, lr: float, log_every: int, eval
 @click.option("--limit", default=None, type=int,
               help="Use only the first N train and N val samples (a quick run).")
 @click.option("--alpha", default=1.5, show_default=True, type=float,
-              help="GradNorm's alpha (1.5: the paper's NYUv2 setting).")
+              help="GradNorm's alpha (1.5: the paper's NYUv2 setting; gradnorm-log too).")
 @click.option("--weight-lr", default=0.025, show_default=True, type=float,
               help="GradNorm weights' (Adam) lr.")
 @click.option("--gradnorm-at", type=click.Choice(["weight", "h"]), default="weight",

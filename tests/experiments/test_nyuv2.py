@@ -123,6 +123,31 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     assert _without_time(read_csv(parts / "metrics.csv")) == _without_time(a)
 
 
+def test_gradnorm_log_steps_log_weights(data, tmp_path):
+    """--methods gradnorm-log: GradNorm(log_weights=True) at the same alpha, lr and site; its
+    checkpoint holds s = log w, the weights stay on the simplex and move differently from
+    the paper's update (same seed, same batches)."""
+    out = tmp_path / "log"
+    assert main(["nyuv2", "--data", str(data), "--out", str(out), *TINY, "--epochs", "2",
+                 "--methods", "gradnorm,gradnorm-log"]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [r["run"] for r in rows] == ["gradnorm-seed0"] * 2 + ["gradnorm-log-seed0"] * 2
+    methods = json.loads((out / "summary.json").read_text())["methods"]
+    assert list(methods) == ["gradnorm", "gradnorm-log"]
+    plain = torch.load(out / "checkpoints" / "gradnorm-seed0.pt", weights_only=True)
+    state = torch.load(out / "checkpoints" / "gradnorm-log-seed0.pt", weights_only=True)
+    assert "task_log_weights" not in plain["balancer"]
+    s = state["balancer"]["task_log_weights"]
+    w = torch.tensor(state["final_weights"])
+    torch.testing.assert_close(w, s.exp(), rtol=1e-6, atol=0)
+    assert float(w.sum()) == pytest.approx(3.0, abs=1e-5) and bool((w > 0).all())
+    assert not torch.allclose(s, torch.zeros(3))  # the log weights moved from log 1
+    assert state["final_weights"] != plain["final_weights"]
+    fw = [m["mean"] for m in methods["gradnorm-log"]["final_weights"]]
+    assert fw == pytest.approx(state["final_weights"], abs=1e-7)
+    assert "| gradnorm-log |" in (out / "summary.md").read_text()
+
+
 def test_fp16_autocast_with_a_grad_scaler_on_cpu(data, tmp_path):
     """--amp fp16: autocast and a GradScaler handed to GradNorm.backward (bf16 is the same
     code without the scaler)."""
@@ -255,6 +280,7 @@ def test_config_checks_in_python():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             study.NYUv2Config(data=".", device="cuda")
+    assert "gradnorm-log" not in study.NYUv2Config(data=".").methods  # asked for by name
     cfg = study.NYUv2Config(data=".", methods=("static",), seeds=2)
     assert [r.name for r in study.plan_runs(cfg)] == [
         "gradnorm-seed0", "static-seed0", "gradnorm-seed1", "static-seed1"]

@@ -11,6 +11,9 @@ validation split after every epoch (``nyuv2_metrics``). Methods:
                  from the tapped decoder output h: one ordinary backward, then per task one
                  vector-Jacobian product from h back to W through that last conv-BN-ReLU
                  (``--gradnorm-at h`` measures at h itself instead)
+    gradnorm-log GradNorm with ``log_weights=True``: the same alpha, lr and norms, but the
+                 weights' optimizer steps s = log w (multiplicative steps: a small weight
+                 does not overshoot onto the floor); not in the default --methods
     uncertainty  Kendall et al. (CVPR 2018), kinds classification / regression / regression
     dtp          Guo et al. (ECCV 2018); KPIs from each training batch, see
                  ``nyuv2_metrics.kpis``: pixel accuracy, depth delta < 1.25, normals within
@@ -51,7 +54,11 @@ from . import nyuv2_metrics as nm
 from .nyuv2_data import Layout, NYUv2, check_layout
 from .nyuv2_model import TASKS, SegNet
 
-METHODS = ("single", "equal", "gradnorm", "uncertainty", "dtp", "static")
+METHODS = ("single", "equal", "gradnorm", "gradnorm-log", "uncertainty", "dtp", "static")
+#: The default --methods (gradnorm-log is asked for by name).
+DEFAULT_METHODS = ("single", "equal", "gradnorm", "uncertainty", "dtp", "static")
+#: The methods that are GradNorm (tapped h, norms at ``--gradnorm-at``).
+GRADNORM_METHODS = ("gradnorm", "gradnorm-log")
 UNCERTAINTY_KINDS = ("classification", "regression", "regression")
 AMP = ("none", "bf16", "fp16")
 GRADNORM_AT = ("weight", "h")
@@ -65,7 +72,7 @@ class NYUv2Config:
     """One study. Defaults follow MTAN's NYUv2 recipe and the GradNorm paper's alpha."""
 
     data: str
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: int = 1
     epochs: int = 200
     batch_size: int = 2
@@ -191,6 +198,9 @@ def _balancer(run: Run, cfg: NYUv2Config, static: Sequence[float] | None) -> lb.
         return lb.EqualWeighting(T, task_names=TASKS)
     if run.method == "gradnorm":
         return lb.GradNorm(T, alpha=cfg.alpha, lr=cfg.weight_lr, task_names=TASKS)
+    if run.method == "gradnorm-log":
+        return lb.GradNorm(T, alpha=cfg.alpha, lr=cfg.weight_lr, log_weights=True,
+                           task_names=TASKS)
     if run.method == "uncertainty":
         return lb.UncertaintyWeighting(T, UNCERTAINTY_KINDS, task_names=TASKS)
     if run.method == "dtp":
@@ -317,7 +327,7 @@ def train_run(run: Run, cfg: NYUv2Config, layout: Layout, out: Path,
             opt.zero_grad(set_to_none=True)
             with _autocast(cfg):
                 h = model.trunk(image)
-                tap = bal is not None and run.method == "gradnorm"
+                tap = bal is not None and run.method in GRADNORM_METHODS
                 feats = bal.tap(h) if tap else (h,) * len(run.tasks)
                 preds = {t: model.head(t, f) for t, f in zip(run.tasks, feats, strict=True)}
             losses = [nm.LOSSES[t](preds[t], targets[t]) for t in run.tasks]
@@ -325,7 +335,7 @@ def train_run(run: Run, cfg: NYUv2Config, layout: Layout, out: Path,
                 (losses[0] if scaler is None else scaler.scale(losses[0])).backward()
                 weights = torch.ones(1, device=device)
             else:
-                if run.method == "gradnorm":
+                if run.method in GRADNORM_METHODS:
                     shared = model.last_shared if cfg.gradnorm_at == "weight" else None
                     bal.backward(losses, shared=shared, grad_scaler=scaler)
                 elif run.method == "dtp":
