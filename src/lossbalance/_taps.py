@@ -37,7 +37,6 @@ from torch import Tensor
 
 from . import _graph, _native
 from ._checks import first_nonfinite
-from .balancers.base import _like
 
 # Element-wise activations whose Jacobian is diagonal: their VJP of a ones tensor is that diagonal.
 _ELEMENTWISE = frozenset(
@@ -155,8 +154,8 @@ def measure_general(losses: Sequence[Tensor], site: Site, weights: Tensor, batch
     if batched and first_nonfinite(norms) is not None:
         grads = measure(losses, site.shared, False, scale)  # the right task
         norms = row_norms(grads) if site.keep else grads
-    norms_w = _like(weights, norms) * norms
-    vectors = grads.mul_(_like(weights, grads)[:, None]) if site.keep else None
+    norms_w = weights.to(norms) * norms
+    vectors = grads.mul_(weights.to(grads)[:, None]) if site.keep else None
     return Measurement(norms_w, vectors, site.per_sample, None)
 
 
@@ -275,7 +274,8 @@ class Workspace:
 
     def rows(self, name: str, shape: tuple[int, ...], like: Tensor,
              dtype: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """A kept buffer and its views along the first dimension (made once too)."""
+        """A kept buffer and its views along the first dimension, made once (not one view
+        a task a step): the hooks write each task's result into its row with ``out=``."""
         buf = self.get(name, shape, like, dtype)
         kept = self._rows.get(name)
         if kept is None or kept[0] is not buf:
@@ -433,6 +433,7 @@ class Capture:
         return hook
 
     def _take_h(self, i: int, g: Tensor) -> None:
+        # into row i of the kept buffer: no tensor a task, no stack of T scalars at the end
         torch.linalg.vector_norm(g, dtype=self.norm_dtype, out=self.rows[i])
         self.done[i] = True
 

@@ -19,21 +19,6 @@ from .._checks import LossesLike
 SharedLike = Tensor | nn.Module | Iterable[Tensor] | None
 
 
-def _like(t: Tensor, other: Tensor) -> Tensor:
-    """``t.to(other)``, skipping the call when dtype and device already match: a step does
-    this to several T-vectors, and each call is a dispatch of a few microseconds."""
-    return t if t.dtype == other.dtype and t.device == other.device else t.to(other)
-
-
-def _set(module: nn.Module, name: str, value: Any) -> None:
-    """Set a plain (non-parameter, non-buffer) attribute without ``nn.Module.__setattr__``.
-
-    The module's checks for parameters, buffers and submodules cost about a microsecond per
-    assignment; the step sets a few plain attributes every call.
-    """
-    object.__setattr__(module, name, value)
-
-
 class Balancer(nn.Module):
     """Base class: validation, the weighted backward, and the non-finite policy.
 
@@ -91,8 +76,8 @@ class Balancer(nn.Module):
         scaler skips the optimizer step then too).
         Returns the weighted total (detached, unscaled) for logging.
         """
-        _set(self, "last_step_skipped", False)
-        _set(self, "_scaler", _checks.check_grad_scaler(grad_scaler))
+        self.last_step_skipped = False
+        self._scaler = _checks.check_grad_scaler(grad_scaler)
         items = _checks.loss_list(losses, self.num_tasks, self.task_names)
         stacked = torch.stack(items)
         values = self._loss_values(stacked.detach())
@@ -123,8 +108,7 @@ class Balancer(nn.Module):
 
     def _weighted_backward(self, stacked: Tensor, weights: Tensor) -> Tensor:
         """One ordinary backward of sum_i w_i L_i with ``weights`` treated as constants."""
-        w = _like(weights.detach() if weights.requires_grad else weights, stacked)
-        total = stacked @ w
+        total = stacked @ weights.detach().to(stacked)
         self._backward(total)
         return total.detach()
 

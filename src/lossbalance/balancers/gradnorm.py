@@ -59,7 +59,7 @@ from .._taps import (
     row_norms,
 )
 from .._update import gradnorm_rule, step_log_weights, step_weights
-from .base import Balancer, SharedLike, _like, _set
+from .base import Balancer, SharedLike
 
 
 def _is_process_group(group: object) -> bool:
@@ -195,6 +195,7 @@ class GradNorm(Balancer):
             self._initialized = True
         self._optimizer = self._make_optimizer()
         self._tap: Tap | None = None
+        self._use_native: bool | None = None  # see _native_module
         self._workspace = Workspace()
         self._capture = Capture(self._workspace, chunk)
 
@@ -227,7 +228,7 @@ class GradNorm(Balancer):
 
     def _stepped(self) -> Tensor:
         """The tensor the weights' optimizer steps: w, or s = log w with ``log_weights``."""
-        return self._buffers["task_log_weights" if self.log_weights else "task_weights"]
+        return self.task_log_weights if self.log_weights else self.task_weights
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -251,7 +252,7 @@ class GradNorm(Balancer):
             raise TypeError(f"tap expects a tensor, got {type(h).__name__}")
         if not h.requires_grad:
             raise ValueError("tap(h): h does not require grad, so no task gradient can reach it")
-        _set(self, "_tap", Tap(h))
+        self._tap = Tap(h)
         return (h,) * self.num_tasks
 
     # ------------------------------------------------------------------ validation
@@ -337,14 +338,13 @@ class GradNorm(Balancer):
     ) -> Tensor:
         """measure, combine, update: see DESIGN.md "One step, in three stages"."""
         self._no_signals(signals)
-        tap = self._tap
-        _set(self, "_tap", None)
+        tap, self._tap = self._tap, None
         shared_list = _checks.shared_tensors(shared)
         first = not self._initialized
         if first and self.alpha > 0:
             _checks.check_initial_losses(values, self.task_names)
         site = self._site(losses, tap, shared_list)  # every check, before anything changes
-        w = self._buffers["task_weights"].clone()  # the weights of this step (the buffer changes)
+        w = self.task_weights.clone()  # the weights of this step (the buffer changes)
         k = self.accumulation_steps
         w_back = w if k == 1 else w / k  # a window's calls each backpropagate 1/k of it
         # the scaler's scale as a tensor (no host sync): norms of scaled gradients / scale
@@ -366,7 +366,7 @@ class GradNorm(Balancer):
         total = measured.total
         if total is None:
             total = (self._weighted_backward(stacked, w_back) if finite or scale is not None
-                     else values @ _like(w_back, values))
+                     else values @ w_back.to(values))
         # ... and over the accumulation window: L_i and G_i to update from, once a window
         combined = self._over_window(values, measured, finite)
         # 3. update the weights (and commit)
@@ -418,7 +418,7 @@ class GradNorm(Balancer):
             if window is None:
                 return None
             values, norms, finite, vectors = window
-            _set(self, "last_step_skipped", not finite)
+            self.last_step_skipped = not finite
             if vectors is not None and finite:  # G_i of the window's summed gradients
                 if self.distributed is not False:
                     vectors = mean_over_processes(vectors, self._group(), in_place=True)
@@ -432,7 +432,7 @@ class GradNorm(Balancer):
         count and ``stats`` (the C++ update does all of it when it serves)."""
         if self._native_update(grad_norm_w, w, values, first):
             return
-        initial = values if first else _like(self._buffers["initial_losses"], values)
+        initial = values if first else self.initial_losses.to(values)
         rule = gradnorm_rule(grad_norm_w, w, values, initial, self.alpha)
         # Commit: everything below changes state; nothing below can fail on user input.
         # (The buffers need no autograd: none of them requires grad.)
@@ -440,25 +440,24 @@ class GradNorm(Balancer):
             self.initial_losses.copy_(values)
             self._initialized = True
         if self.log_weights:
-            step_log_weights(self._optimizer, self._buffers["task_log_weights"],
-                             self._buffers["task_weights"], rule.dweights, w, self.min_weight)
+            step_log_weights(self._optimizer, self.task_log_weights, self.task_weights,
+                             rule.dweights, w, self.min_weight)
         else:
-            step_weights(self._optimizer, self._buffers["task_weights"], rule.dweights,
-                         self.min_weight)
-        self._buffers["num_steps"].add_(1)
+            step_weights(self._optimizer, self.task_weights, rule.dweights, self.min_weight)
+        self.num_steps.add_(1)
         self._set_stats(w, grad_norm_w, rule.target, rule.loss_ratio, rule.inverse_rate,
                         torch.linalg.vector_norm(rule.gap, 1))  # L_grad = sum_i |gap_i|
 
     def _set_stats(self, w: Tensor, grad_norm_w: Tensor, target: Tensor, loss_ratio: Tensor,
                    inverse_rate: Tensor, gradnorm_loss: Tensor) -> None:
-        _set(self, "stats", {
+        self.stats = {
             "weight": w,
             "grad_norm": grad_norm_w,
             "target": target,
             "loss_ratio": loss_ratio,
             "inverse_rate": inverse_rate,
             "gradnorm_loss": gradnorm_loss,
-        })
+        }
 
     def _native_update(self, grad_norm_w: Tensor, w: Tensor, values: Tensor, first: bool
                        ) -> bool:
@@ -473,13 +472,13 @@ class GradNorm(Balancer):
         module = self._native_module()
         if module is None:
             return False
-        weights = self._buffers["task_weights"]
+        weights = self.task_weights
         adam = plain_adam_args(self._optimizer, weights)
         if adam is None or not adam.fused:
             return False
         out = module.gradnorm_update(
-            grad_norm_w, w, values, self._buffers["initial_losses"], first, self.alpha,
-            weights, self._buffers["num_steps"], self.min_weight, adam.step, adam.exp_avg,
+            grad_norm_w, w, values, self.initial_losses, first, self.alpha,
+            weights, self.num_steps, self.min_weight, adam.step, adam.exp_avg,
             adam.exp_avg_sq, adam.lr, adam.beta1, adam.beta2, adam.eps)
         if out is None:
             return False
@@ -492,11 +491,9 @@ class GradNorm(Balancer):
         """The C++ module, or None; whether to use it is decided on the balancer's first
         step (``lossbalance.native.enabled()`` and a successful build) and kept, so that a
         run does not switch between the two steps (they round differently)."""
-        use = self.__dict__.get("_use_native")
-        if use is None:
-            use = _native.load() is not None
-            _set(self, "_use_native", use)
-        return _native.loaded() if use else None
+        if self._use_native is None:
+            self._use_native = _native.load() is not None
+        return _native.loaded() if self._use_native else None
 
     def _check_finite_norms(self, grad_norm_w: Tensor, *, before_backward: bool) -> bool:
         bad = _checks.first_nonfinite(grad_norm_w)
@@ -504,7 +501,7 @@ class GradNorm(Balancer):
             return True
         who = _checks.task_label(bad, self.task_names)
         if self.on_nonfinite == "skip" or self._scaler is not None:
-            _set(self, "last_step_skipped", True)
+            self.last_step_skipped = True
             return False
         where = (
             "the model's .grad is untouched" if before_backward
@@ -539,14 +536,14 @@ class GradNorm(Balancer):
             self._capture.release()  # nothing of a failed step's graph stays referenced
             raise
         finally:
-            _set(self, "_tap", None)  # a tap serves one step only
+            self._tap = None  # a tap serves one step only
 
     # ------------------------------------------------------------------ state
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy`` and pickling: a copy decides anew, on its first step, whether
         to use the C++ step (the process that loads it may not have or want it)."""
         state = self.__dict__.copy()
-        state.pop("_use_native", None)
+        state["_use_native"] = None
         return state
 
     def get_extra_state(self) -> dict[str, Any]:
