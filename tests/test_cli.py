@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -141,3 +142,37 @@ def test_refuses_non_empty_out_unless_forced(tmp_path, capsys):
     assert main(["toy", "--out", str(out), "--steps", "2", "--seeds", "1", "--alphas", "",
                  "--methods", "equal", "--quiet", "--force", "--workers", "1"]) == 0
     assert not (out / "keep.txt").exists() and (out / "metrics.csv").exists()
+
+
+def test_report_draws_the_same_files_again(tiny_run, tmp_path, capsys):
+    """`lossbalance report --out DIR` writes summary.md and the figures again from the files,
+    as the run wrote them; summary.json is not changed; without metrics.csv the weight and
+    loss-ratio panels stay as they were."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    drawn = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")}
+    for name in drawn:
+        (out / name).unlink()
+    before = (out / "summary.json").read_bytes()
+    assert json.loads(before)["description"][0].startswith("T = 2 tasks")
+    capsys.readouterr()
+    assert main(["report", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("wrote summary.md, weights.png")
+    assert {p.name: p.read_bytes() for p in out.iterdir()
+            if p.suffix in (".md", ".png")} == drawn
+    assert (out / "summary.json").read_bytes() == before
+    (out / "metrics.csv").unlink()
+    (out / "weights.png").unlink()
+    (out / "summary.md").write_text("stale")
+    assert main(["report", "--out", str(out)]) == 0
+    assert (out / "summary.md").read_bytes() == drawn["summary.md"]
+    assert not (out / "weights.png").exists()
+    md = drawn["summary.md"].decode()
+    assert "| task 0 MSE (test) | task 1 MSE (test) |" in md and "test MSE 0" not in md
+
+
+def test_report_refuses_a_folder_without_a_study(tmp_path, capsys):
+    assert main(["report", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("has no summary.json") and len(err.splitlines()) == 1
+    assert not (tmp_path / "none").exists()

@@ -237,6 +237,24 @@ def digits(epochs: int, batch_size: int, lr: float, train_pairs: int, val_pairs:
     ), flags)
 
 
+@cli.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder of a finished study (the --out of lossbalance toy, digits or "
+                   "nyuv2): its summary.json, and metrics.csv where present.")
+def report(out: Path) -> None:
+    """Write summary.md and the figures of a finished study again from its files, without
+    training (summary.json is read, not changed; without metrics.csv the weight and
+    loss-ratio figures are left as they are)."""
+    from .experiments import report as rep
+
+    try:
+        written = rep.render(out)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    files = ", ".join(p.name for p in written)
+    click.echo(f"wrote {files} to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a bad flag gives one line on stderr and exit status 2."""
     try:

@@ -1,6 +1,7 @@
 """Figures of a study, drawn from its metrics.csv and summary.json (no training here).
 
-``plot_study(out)`` writes, where the study has what they show:
+``plot_study(out)`` writes, where the study has what they show (``lossbalance report`` draws
+them again from the files, without training):
 
 - ``weights.png``, ``loss_ratios.png``: each task's weight w_i and training loss ratio
   L_i(t) / L_i(0) over training, one panel per method (GradNorm at the main alpha);
@@ -236,12 +237,16 @@ def plot_test_metric_by_task(summary: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_study(out: Path) -> list[Path]:
-    """Draw every figure of the study in ``out``; returns the files written."""
-    summary = json.loads((out / "summary.json").read_text())
+def plot_study(out: Path, summary: dict | None = None) -> list[Path]:
+    """Draw every figure of the study in ``out`` from its summary.json (or ``summary``, the
+    same read back) and its metrics.csv; without a metrics.csv the weight and loss-ratio
+    panels are not drawn (files of an earlier drawing stay). Returns the files written."""
+    if summary is None:
+        summary = json.loads((out / "summary.json").read_text())
     config = summary["config"]
     stem = summary["study"]["summary"]["stem"]
-    rows = _main_runs(_read_metrics(out / "metrics.csv"), config)
+    metrics = out / "metrics.csv"
+    rows = _main_runs(_read_metrics(metrics), config) if metrics.is_file() else []
     written = []
     if rows:
         p = out / "weights.png"

@@ -81,6 +81,8 @@ def test_outputs_present_and_well_formed(tiny_run):
     for name in METHODS - {"grid"}:
         assert f"| {name} |" in md
     assert "Best point" in md and "validation" in md
+    assert "| left accuracy (test) | right accuracy (test) | sum RMSE (test) |" in md
+    assert "| single | 0.0 ± " in md  # against its own mean over the seeds
 
 
 def test_same_flags_same_metrics(tmp_path):

@@ -79,6 +79,22 @@ def test_outputs_are_well_formed(study_run):
     assert "| gradnorm |" in md and "delta_m %" in md
 
 
+def test_report_writes_the_same_summary_md(study_run, tmp_path):
+    """`lossbalance report` on a nyuv2 folder: summary.md again from summary.json; single's
+    delta_m (against its own mean) prints as 0.00."""
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in ("summary.json", "summary.md"):
+        shutil.copy(study_run / name, out / name)
+    (out / "summary.md").write_text("stale")
+    assert main(["report", "--out", str(out)]) == 0
+    md = (out / "summary.md").read_text()
+    assert md == (study_run / "summary.md").read_text()
+    single = next(line for line in md.splitlines() if line.startswith("| single |"))
+    assert single.split(" | ")[-2] == "0.00"  # delta_m %, one seed: the mean alone
+    assert [p.name for p in sorted(out.iterdir())] == ["summary.json", "summary.md"]
+
+
 def test_baseline_from_an_earlier_study_and_limit(data, study_run, tmp_path):
     out = tmp_path / "b"
     assert main(["nyuv2", "--data", str(data), "--out", str(out), *TINY,

@@ -290,7 +290,8 @@ class DigitsStudy(Study):
     task_kinds = KINDS
     metrics = METRICS
     summary = Summary(key="delta_m", label="Δm% vs single", axis="Δm% against single (higher "
-                      "is better)", higher_is_better=True, stem="delta_m", needs_single=True)
+                      "is better)", higher_is_better=True, stem="delta_m", needs_single=True,
+                      decimals=1)
     grid = GridDefaults(range=(-1.5, 1.5), levels=3, max_points=27)
     default_alpha = 1.5
     default_alphas = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)

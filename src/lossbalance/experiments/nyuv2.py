@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader
 import lossbalance as lb
 
 from . import nyuv2_metrics as nm
+from . import report
 from .nyuv2_data import Layout, NYUv2, check_layout
 from .nyuv2_model import TASKS, SegNet
 
@@ -65,6 +66,8 @@ GRADNORM_AT = ("weight", "h")
 #: Settings a resumed study may change (the rest must equal the study's config.json).
 RESUMABLE = ("data", "epochs", "device", "workers")
 CHECKPOINT_VERSION = 1
+#: summary.json's baseline_source where the baselines are this study's single runs.
+SINGLE_SOURCE = "single-task runs of this study"
 
 
 @dataclass
@@ -519,7 +522,7 @@ def summarize(summaries: list[dict], cfg: NYUv2Config, layout: Layout,
         single = per_method["single"]
         baseline = {name: statistics.fmean(e["metrics"][name] for e in single)
                     for name, _, _ in nm.METRICS}
-        baseline_source = "single-task runs of this study"
+        baseline_source = SINGLE_SOURCE
     methods: dict[str, dict] = {}
     order = [m for m in METHODS if m in per_method]
     for method in order:
@@ -560,19 +563,32 @@ _HEAD = {"miou": "mIoU %", "pixel_acc": "pix acc %", "abs_err": "abs err",
          "within_11.25": "< 11.25° %", "within_22.5": "< 22.5° %", "within_30": "< 30° %"}
 
 
-def _cell(ms: dict | None, digits: int = 4, std: bool = True) -> str:
+def _cell(ms: dict | None, digits: int = 4, std: bool = True,
+          decimals: int | None = None) -> str:
+    """mean ± std (``report.mean_std_text``), the mean alone over one seed."""
     if ms is None:
         return ""
     if not math.isfinite(ms["mean"]):
         return "nan"
-    if std and ms["n"] > 1:
-        return f"{ms['mean']:.{digits}g} ± {ms['std']:.2g}"
-    return f"{ms['mean']:.{digits}g}"
+    text = report.mean_std_text(ms, digits, decimals)
+    return text if std and ms["n"] > 1 else text.split(" ± ")[0]
 
 
 def write_summary(summary: dict, out: Path) -> None:
     """summary.json (everything) and summary.md (the table)."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(summary_markdown(summary))
+
+
+def is_summary(summary: Any) -> bool:
+    """Whether ``summary`` (summary.json read back) is one this module wrote."""
+    return isinstance(summary, dict) and {"config", "data", "baseline_source",
+                                          "methods"} <= set(summary)
+
+
+def summary_markdown(summary: dict) -> str:
+    """summary.md's text from a summary (:func:`summarize`'s or summary.json read back):
+    metrics with 4 significant digits, delta_m % with 2 decimals."""
     cfg, data = summary["config"], summary["data"]
     n_train = data["train"] if cfg["limit"] is None else min(cfg["limit"], data["train"])
     n_val = data["val"] if cfg["limit"] is None else min(cfg["limit"], data["val"])
@@ -598,12 +614,19 @@ def write_summary(summary: dict, out: Path) -> None:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in summary["methods"].items():
         cells = [method] + [_cell(m["metrics"][n]) for n, _, _ in nm.METRICS]
-        cells.append(_cell(m["delta_m"], 3))
+        cells.append(_cell(m["delta_m"], decimals=2))
         w = m["final_weights"]
         cells.append("" if w is None else ", ".join(f"{x['mean']:.3g}" for x in w))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    (out / "summary.md").write_text("\n".join(lines))
+    single = summary["methods"].get("single")
+    if single is not None and single["delta_m"] is not None and summary["baseline"] is not None \
+            and summary["baseline_source"] == SINGLE_SOURCE:
+        lines += [f"`single`: each seed's single-task networks scored against the baselines, "
+                  f"their own mean over the {single['delta_m']['n']} seed(s), so its delta_m "
+                  "is 0 on average by construction (printed as 0; summary.json keeps its "
+                  "floating-point rounding); its ± is their spread over seeds.", ""]
+    return "\n".join(lines)
 
 
 

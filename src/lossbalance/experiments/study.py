@@ -65,6 +65,9 @@ class Summary:
     (``{stem}_by_method.png``, ``{stem}_vs_alpha.png``).
     needs_single: the value compares against the single-task baselines (delta_m); the runner
     then trains them (method ``single``) even where ``--methods`` does not name it.
+    decimals: summary.md prints the value (mean, std and gaps) with this many decimals
+    (delta_m%: 1, so that ``-16.6 ± 0.7`` and a mean of 0 read as such); None: 4
+    significant digits.
     """
 
     key: str
@@ -73,6 +76,7 @@ class Summary:
     higher_is_better: bool
     stem: str
     needs_single: bool = False
+    decimals: int | None = None
 
 
 @dataclass(frozen=True)
