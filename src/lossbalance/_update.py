@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._adam import plain_adam_step
+from .balancers.base import _like
 
 
 class GradNormRule(NamedTuple):
@@ -38,8 +39,8 @@ def gradnorm_rule(grad_norm_w: Tensor, w: Tensor, values: Tensor, initial: Tenso
 
     Returns every term (``GradNormRule``), in the norms' dtype.
     """
-    grad_norm = grad_norm_w / w.to(grad_norm_w)  # ||grad_W L_i||
-    loss_ratio = (values / initial).to(grad_norm)
+    grad_norm = grad_norm_w / _like(w, grad_norm_w)  # ||grad_W L_i||
+    loss_ratio = _like(values / initial, grad_norm)
     inverse_rate = loss_ratio / loss_ratio.mean()
     target = grad_norm_w.mean() * inverse_rate.pow(alpha)
     gap = grad_norm_w - target
@@ -59,7 +60,7 @@ def step_weights(optimizer: torch.optim.Optimizer, weights: Tensor, dweights: Te
                  min_weight: float) -> None:
     """The paper's update of ``weights`` (w, in place): one optimizer step on dL_grad/dw,
     then w <- T * max(w, min_weight) / sum_j max(w_j, min_weight)."""
-    optimizer_step(optimizer, weights, dweights.to(weights))
+    optimizer_step(optimizer, weights, _like(dweights, weights))
     weights.clamp_(min=min_weight)
     weights.mul_(weights.numel() / weights.sum())
 
@@ -72,8 +73,8 @@ def step_log_weights(optimizer: torch.optim.Optimizer, log_weights: Tensor, weig
         dL_grad/ds_i = w_i dL_grad/dw_i;  one optimizer step on s;
         s_i <- max(s_i, log min_weight);  s_i <- s_i - log(sum_j exp(s_j) / T);  w = exp(s).
     """
-    dlog = dweights.mul_(w.to(dweights))  # dL_grad/ds_i = w_i dL_grad/dw_i
-    optimizer_step(optimizer, log_weights, dlog.to(log_weights))
+    dlog = dweights.mul_(_like(w, dweights))  # dL_grad/ds_i = w_i dL_grad/dw_i
+    optimizer_step(optimizer, log_weights, _like(dlog, log_weights))
     log_weights.clamp_(min=math.log(min_weight))
     log_weights.sub_(torch.logsumexp(log_weights, 0).sub_(math.log(log_weights.numel())))
     torch.exp(log_weights, out=weights)

@@ -59,7 +59,7 @@ from .._taps import (
     row_norms,
 )
 from .._update import gradnorm_rule, step_log_weights, step_weights
-from .base import Balancer, SharedLike
+from .base import Balancer, SharedLike, _like, _set
 
 
 def _is_process_group(group: object) -> bool:
@@ -252,7 +252,7 @@ class GradNorm(Balancer):
             raise TypeError(f"tap expects a tensor, got {type(h).__name__}")
         if not h.requires_grad:
             raise ValueError("tap(h): h does not require grad, so no task gradient can reach it")
-        self._tap = Tap(h)
+        _set(self, "_tap", Tap(h))
         return (h,) * self.num_tasks
 
     # ------------------------------------------------------------------ validation
@@ -338,7 +338,8 @@ class GradNorm(Balancer):
     ) -> Tensor:
         """measure, combine, update: see DESIGN.md "One step, in three stages"."""
         self._no_signals(signals)
-        tap, self._tap = self._tap, None
+        tap = self._tap
+        _set(self, "_tap", None)
         shared_list = _checks.shared_tensors(shared)
         first = not self._initialized
         if first and self.alpha > 0:
@@ -366,7 +367,7 @@ class GradNorm(Balancer):
         total = measured.total
         if total is None:
             total = (self._weighted_backward(stacked, w_back) if finite or scale is not None
-                     else values @ w_back.to(values))
+                     else values @ _like(w_back, values))
         # ... and over the accumulation window: L_i and G_i to update from, once a window
         combined = self._over_window(values, measured, finite)
         # 3. update the weights (and commit)
@@ -432,7 +433,7 @@ class GradNorm(Balancer):
         count and ``stats`` (the C++ update does all of it when it serves)."""
         if self._native_update(grad_norm_w, w, values, first):
             return
-        initial = values if first else self.initial_losses.to(values)
+        initial = values if first else _like(self.initial_losses, values)
         rule = gradnorm_rule(grad_norm_w, w, values, initial, self.alpha)
         # Commit: everything below changes state; nothing below can fail on user input.
         # (The buffers need no autograd: none of them requires grad.)
@@ -450,14 +451,14 @@ class GradNorm(Balancer):
 
     def _set_stats(self, w: Tensor, grad_norm_w: Tensor, target: Tensor, loss_ratio: Tensor,
                    inverse_rate: Tensor, gradnorm_loss: Tensor) -> None:
-        self.stats = {
+        _set(self, "stats", {
             "weight": w,
             "grad_norm": grad_norm_w,
             "target": target,
             "loss_ratio": loss_ratio,
             "inverse_rate": inverse_rate,
             "gradnorm_loss": gradnorm_loss,
-        }
+        })
 
     def _native_update(self, grad_norm_w: Tensor, w: Tensor, values: Tensor, first: bool
                        ) -> bool:
@@ -536,7 +537,7 @@ class GradNorm(Balancer):
             self._capture.release()  # nothing of a failed step's graph stays referenced
             raise
         finally:
-            self._tap = None  # a tap serves one step only
+            _set(self, "_tap", None)  # a tap serves one step only
 
     # ------------------------------------------------------------------ state
     def __getstate__(self) -> dict[str, Any]:
