@@ -54,6 +54,7 @@ from . import nyuv2_metrics as nm
 from . import report
 from .nyuv2_data import Layout, NYUv2, check_layout
 from .nyuv2_model import TASKS, SegNet
+from .study import check_methods
 
 METHODS = ("single", "equal", "gradnorm", "gradnorm-log", "uncertainty", "dtp", "static")
 #: The default --methods (gradnorm-log is asked for by name).
@@ -101,13 +102,7 @@ class NYUv2Config:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
-        if not self.methods:
-            raise ValueError("--methods must name at least one method")
-        for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"--methods names a method twice: {','.join(self.methods)}")
+        check_methods(self.methods, METHODS)
         for name in ("seeds", "epochs", "batch_size", "lr_step", "width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import multiprocessing
 import os
@@ -53,14 +52,10 @@ import lossbalance as lb
 from lossbalance._taps import per_task_norms
 
 from . import grid as gridlib
-from .study import Study
+from .study import Study, check_methods
 
 METHODS = ("single", "equal", "gradnorm", "gradnorm-log", "uncertainty", "dtp", "static",
            "grid")
-
-
-def _gradnorm_has_log_weights() -> bool:
-    return "log_weights" in inspect.signature(lb.GradNorm.__init__).parameters
 
 
 @dataclass
@@ -102,16 +97,7 @@ class Options:
 
     def validate(self, study: Study) -> None:
         """Raise ValueError naming the first bad setting (nothing has run yet)."""
-        if not self.methods:
-            raise ValueError("--methods must name at least one method")
-        for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"--methods names a method twice: {', '.join(self.methods)}")
-        if "gradnorm-log" in self.methods and not _gradnorm_has_log_weights():
-            raise ValueError("method 'gradnorm-log' needs GradNorm(log_weights=True), which "
-                             "this version of lossbalance does not have")
+        check_methods(self.methods, METHODS)
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"--seeds must be an integer >= 1, got {self.seeds}")
         for a in (self.alpha, *self.alphas):

@@ -236,3 +236,14 @@ def delta_m(metrics: Mapping[str, float], baseline: Mapping[str, float],
     if not per_task:
         raise ValueError("delta_m needs at least one metric")
     return 100.0 * sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
+
+
+def check_methods(methods: Sequence[str], known: Sequence[str]) -> None:
+    """Raise ValueError unless ``methods`` names at least one method, each of ``known``, once."""
+    if not methods:
+        raise ValueError("--methods must name at least one method")
+    for m in methods:
+        if m not in known:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(known)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods names a method twice: {', '.join(methods)}")
