@@ -64,6 +64,8 @@ CASES = {
     "Wb-general": ("Wb", {}),
     "W-accumulated": ("W", {"accumulation_steps": 2}),
     "W-mean": ("W", {"parameter_norms": "mean"}),
+    "W-default": ("W", {"distributed": None}),  # follows the process group, not told
+    "W-opted-out": ("W", {"distributed": False}),
 }
 
 
@@ -76,7 +78,7 @@ def worker(rank, world, store, model, out):
         results = {}
         for name, (where, kwargs) in CASES.items():
             ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
-            bal = lb.GradNorm(T, alpha=1.5, distributed=True, **kwargs)
+            bal = lb.GradNorm(T, alpha=1.5, **{"distributed": True, **kwargs})
             if name.endswith("general"):
                 bal.tap = lambda h: (h,) * T  # no tap: the general path
             results[name] = train(ddp, bal, x[shard], [y[shard] for y in ys], where)
@@ -97,11 +99,29 @@ def two_processes(tmp_path_factory):
 def test_every_process_holds_the_same_weights(two_processes):
     _, (rank0, rank1) = two_processes
     for name in CASES:
+        if name == "W-opted-out":
+            continue
         assert torch.equal(rank0[name][0], rank1[name][0]), name
         assert not torch.allclose(rank0[name][0][-1], torch.ones(T))  # they did move
 
 
-@pytest.mark.parametrize("name", ["h", "W", "Wb-general", "W-accumulated"])
+def test_distributed_false_keeps_each_process_own_weights(two_processes):
+    _, (rank0, rank1) = two_processes
+    assert not torch.allclose(rank0["W-opted-out"][0], rank1["W-opted-out"][0])
+
+
+def test_default_follows_the_process_group(two_processes):
+    # GradNorm() inside a process group of 2, not told: step for step what distributed=True
+    # gives (weights, G_i, parameters)
+    assert lb.GradNorm(T).distributed is None
+    _, (rank0, _) = two_processes
+    default, told = rank0["W-default"], rank0["W"]
+    assert torch.equal(default[0], told[0]) and torch.equal(default[2], told[2])
+    for p, q in zip(default[1], told[1], strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["h", "W", "Wb-general", "W-accumulated", "W-default"])
 def test_norms_match_one_process_on_the_whole_batch(two_processes, name):
     # L_i = the mean of the two shards' losses = the whole batch's; G_i is exact at h (from
     # the norms) and at parameters (from the averaged per-task gradients)

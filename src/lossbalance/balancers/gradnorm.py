@@ -99,8 +99,13 @@ class GradNorm(Balancer):
             T // 2, between 1 and 4 (``lossbalance._taps.auto_chunk``).
         task_names: names, to pass losses as a dict and to name tasks in errors.
         on_nonfinite: "raise" (default) or "skip" for non-finite losses or gradient norms.
-        distributed: for data-parallel training (DDP), True (the default process group) or a
-            process group: every process then holds the same weights. Each step all-reduces
+        distributed: for data-parallel training (DDP). None (default): synchronise over
+            the default process group whenever torch.distributed is initialised with more
+            than one process (as Lightning, Accelerate and torchrun set it up), else not;
+            True (the default process group, which must be initialised) or a process group:
+            always; False: never (each process keeps its own weights, e.g. processes that
+            do not train one model on shards of one batch). Synchronised, every process
+            holds the same weights. Each step all-reduces
             the T losses (L_i is the mean over processes, as DDP's gradient is) and what G_i
             needs: at the tapped h, or at any non-leaf tensors, the T norms, G_i =
             sqrt(sum_p G_i,p^2) / P (exact: each process holds its own samples' gradient at
@@ -140,15 +145,16 @@ class GradNorm(Balancer):
         chunk: int | None = None,
         task_names: Sequence[str] | None = None,
         on_nonfinite: str = "raise",
-        distributed: bool | Any = False,
+        distributed: bool | Any | None = None,
         accumulation_steps: int = 1,
         parameter_norms: str = "exact",
         log_weights: bool = False,
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
-        if not (isinstance(distributed, bool) or _is_process_group(distributed)):
+        if not (distributed is None or isinstance(distributed, bool)
+                or _is_process_group(distributed)):
             raise TypeError(
-                "distributed must be True, False or a torch.distributed process group, got "
+                "distributed must be None, True, False or a torch.distributed process group, got "
                 f"{type(distributed).__name__}"
             )
         self.distributed = distributed
@@ -199,9 +205,16 @@ class GradNorm(Balancer):
         self._workspace = Workspace()
         self._capture = Capture(self._workspace, chunk)
 
+    def _synced(self) -> bool:
+        """Whether this step synchronises over processes: ``distributed`` True or a group;
+        None (the default) when torch.distributed is initialised with more than one process."""
+        if self.distributed is None:
+            return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return self.distributed is not False
+
     def _group(self) -> Any:
-        """The process group to synchronise over, or None."""
-        if self.distributed is False:
+        """The process group to synchronise over (None: the default group)."""
+        if self.distributed is None or self.distributed is False:
             return None
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
@@ -216,7 +229,7 @@ class GradNorm(Balancer):
 
     def _loss_values(self, values: Tensor) -> Tensor:
         """L_i: this process's, or the mean over the processes (one all-reduce of T values)."""
-        if self.distributed is False:
+        if not self._synced():
             return values
         return mean_over_processes(values, self._group())
 
@@ -383,7 +396,7 @@ class GradNorm(Balancer):
         per_sample = (not shared) if tap is not None else all(not t.is_leaf for t in shared)
         k = self.accumulation_steps
         # exact G_i at parameters over micro-batches or processes: keep the per-task gradients
-        keep = (self.parameter_norms == "exact" and (k > 1 or self.distributed is not False)
+        keep = (self.parameter_norms == "exact" and (k > 1 or self._synced())
                 and not per_sample and all(t.is_leaf for t in shared))
         pattern = None
         if tap is not None:
@@ -402,7 +415,7 @@ class GradNorm(Balancer):
 
     def _over_processes(self, measured: Measurement) -> Measurement:
         """Stage 2 over the processes (``_combine.over_processes``); as is without DDP."""
-        if self.distributed is False:
+        if not self._synced():
             return measured
         return over_processes(measured, self._group(), self.accumulation_steps > 1)
 
@@ -421,7 +434,7 @@ class GradNorm(Balancer):
             values, norms, finite, vectors = window
             self.last_step_skipped = not finite
             if vectors is not None and finite:  # G_i of the window's summed gradients
-                if self.distributed is not False:
+                if self._synced():
                     vectors = mean_over_processes(vectors, self._group(), in_place=True)
                 norms = row_norms(vectors)
                 finite = self._check_finite_norms(norms, before_backward=False)
