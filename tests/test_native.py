@@ -279,6 +279,22 @@ def test_off_by_default_and_switched_by_environment_or_build(monkeypatch):
     assert not lb.native.enabled() and not lb.native.build()
 
 
+@pytest.mark.parametrize("tapped", [True, False])
+def test_bad_environment_value_raises_before_the_backward(monkeypatch, tapped):
+    # the general path decides on the C++ update after its backward: the value is checked first
+    monkeypatch.setenv("LOSSBALANCE_NATIVE", "maybe")
+    torch.manual_seed(0)
+    trunk, heads = nn.Linear(4, 8), [nn.Linear(8, 1) for _ in range(2)]
+    bal = lb.GradNorm(2)
+    h = torch.relu(trunk(torch.randn(16, 4)))
+    feats = bal.tap(h) if tapped else (h, h)
+    losses = [heads[i](feats[i]).pow(2).mean() for i in range(2)]
+    with pytest.raises(ValueError, match=r"LOSSBALANCE_NATIVE.*'maybe'"):
+        bal.backward(losses, None if tapped else trunk.weight)
+    assert trunk.weight.grad is None and all(hd.weight.grad is None for hd in heads)
+    assert int(bal.num_steps) == 0 and torch.isnan(bal.initial_losses).all()
+
+
 def test_default_step_is_python(monkeypatch):
     monkeypatch.delenv("LOSSBALANCE_NATIVE")
     loads = []

@@ -411,6 +411,8 @@ class GradNorm(Balancer):
         if k > 1:
             self._window.check(per_sample, (self.num_tasks, sum(t.numel() for t in shared))
                                if keep else None)
+        if self._use_native is None:
+            _native.enabled()  # a bad LOSSBALANCE_NATIVE raises here, not after the backward
         return Site(None if tap is None else tap.h, shared, pattern, per_sample, keep)
 
     def _over_processes(self, measured: Measurement) -> Measurement:
