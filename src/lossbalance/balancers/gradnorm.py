@@ -2,11 +2,11 @@
 
 Per step t, with task weights w_i(t) and W the shared tensors where norms are measured:
 
-    G_i(t)    = || grad_W (w_i(t) L_i(t)) ||_2              (Eq. 1, norm over all of W)
+    G_i(t)    = || grad_W (w_i(t) L_i(t)) ||_2              (norm over all of W)
     G_bar(t)  = mean_i G_i(t)
     L~_i(t)   = L_i(t) / L_i(0)                             (loss ratio)
     r_i(t)    = L~_i(t) / mean_j L~_j(t)                    (relative inverse training rate)
-    target_i  = G_bar(t) * r_i(t)^alpha, held constant      (Eq. 2)
+    target_i  = G_bar(t) * r_i(t)^alpha, held constant      (Eq. 1)
     L_grad    = sum_i | G_i(t) - target_i |                 (Eq. 2)
 
 The model receives the gradient of sum_i w_i(t) L_i(t) with the weights of this step. The
