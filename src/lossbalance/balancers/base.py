@@ -59,6 +59,7 @@ class Balancer(nn.Module):
         #: True when the last ``backward`` was skipped because of a non-finite value.
         self.last_step_skipped = False
         self._scaler: Any = None  # the gradient scaler of the step in progress
+        self._deferred: list[Tensor] | None = None  # ``loss``: totals kept, not backpropagated
 
     @property
     def weights(self) -> Tensor:
@@ -108,6 +109,48 @@ class Balancer(nn.Module):
             )
         return self._step(items, stacked, values, shared, **signals)
 
+    def loss(self, losses: LossesLike, shared: SharedLike = None, **signals: Any) -> Tensor:
+        """The weighted total sum_i w_i L_i, with graph, for a trainer to backpropagate.
+
+        ``total.backward()`` (or ``scaler.scale(total).backward()``, or a trainer's own
+        backward of it) then gives the model exactly the gradients ``backward(losses,
+        shared, **signals)`` gives. Arguments and checks are those of ``backward``, with
+        no ``grad_scaler``: a scaler the trainer applies needs no telling. For the balancers
+        that measure no gradient (Equal, Static, Uncertainty, DTP) the balancer's own state
+        changes here as in ``backward`` (DTP smooths its KPIs; Uncertainty's log-variances
+        train through the total's graph). A non-finite loss with ``on_nonfinite="skip"``
+        returns sum_i w_i L_i as a leaf whose backward changes no model gradient.
+        """
+        _set(self, "last_step_skipped", False)
+        _set(self, "_scaler", None)
+        items = _checks.loss_list(losses, self.num_tasks, self.task_names)
+        stacked = torch.stack(items)
+        values = self._loss_values(stacked.detach())
+        bad = _checks.first_nonfinite(values)
+        if bad is not None:
+            if self.on_nonfinite == "skip":
+                self.last_step_skipped = True
+                self._skipped_call()
+                return (self.weights.to(values) * values).sum().requires_grad_()
+            raise ValueError(
+                f"the loss of {_checks.task_label(bad, self.task_names)} is "
+                f"{float(values[bad])} (non-finite); pass on_nonfinite='skip' to skip such steps"
+            )
+        return self._loss_step(items, stacked, values, shared, **signals)
+
+    def _loss_step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
+                   shared: SharedLike, **signals: Any) -> Tensor:
+        """``loss`` past the checks: ``_step`` with its backward kept instead of run."""
+        kept: list[Tensor] = []
+        _set(self, "_deferred", kept)
+        try:
+            self._step(losses, stacked, values, shared, **signals)
+        finally:
+            _set(self, "_deferred", None)
+        if len(kept) != 1:
+            raise RuntimeError(f"{type(self).__name__}._step ran {len(kept)} backwards, not 1")
+        return kept[0]
+
     def _step(
         self, losses: list[Tensor], stacked: Tensor, values: Tensor, shared: SharedLike,
         **signals: Any
@@ -129,6 +172,9 @@ class Balancer(nn.Module):
 
     def _backward(self, total: Tensor) -> None:
         """``total.backward()``, through this step's gradient scaler when there is one."""
+        if self._deferred is not None:  # ``loss``: the caller backpropagates it
+            self._deferred.append(total)
+            return
         scaler = self._scaler
         torch.autograd.backward(total if scaler is None else scaler.scale(total))
 

@@ -554,6 +554,11 @@ class GradNorm(Balancer):
         finally:
             _set(self, "_tap", None)  # a tap serves one step only
 
+    def _loss_step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
+                   shared: SharedLike, **signals: Any) -> Tensor:
+        raise NotImplementedError(
+            "GradNorm.loss is not available yet: use GradNorm.backward(losses, shared)")
+
     # ------------------------------------------------------------------ state
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy`` and pickling: a copy decides anew, on its first step, whether

@@ -1,0 +1,129 @@
+"""``bal.loss(...)``: a total whose ordinary backward does what ``bal.backward(...)`` does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from literal import ToyNet
+from torch.nn import functional as F
+
+import lossbalance as lb
+
+T = 3
+
+
+def problem(seed=0):
+    torch.manual_seed(seed)
+    net = ToyNet(T)
+    x = torch.randn(16, 8)
+    ys = [torch.randn(16, 4) * s for s in (1.0, 10.0, 100.0)]
+    return net, x, ys
+
+
+def kpis(step):
+    return [0.1 + 0.05 * step, 0.9 - 0.03 * step, 0.5]
+
+
+def run(bal, net, way, *, path="fast", shared="W", steps=4, scaler=None, signals=None):
+    """Train ``steps`` optimizer steps of ``bal.accumulation_steps`` micro-batches, each
+    micro-batch through ``bal.backward`` (way "backward") or ``bal.loss(...).backward()``
+    (way "loss"). Returns, per step, the weights, the stats, the totals and the model's
+    gradients."""
+    _, x, ys = problem()
+    opt = torch.optim.SGD(list(net.parameters()) + list(bal.parameters()), lr=1e-3)
+    micro = getattr(bal, "accumulation_steps", 1)
+    trace = []
+    for step in range(steps):
+        opt.zero_grad()
+        totals = []
+        for m in range(micro):
+            rows = slice(m * len(x) // micro, (m + 1) * len(x) // micro)
+            h = net.trunk(x[rows])
+            feats = bal.tap(h) if path == "fast" else (h,) * T
+            losses = [F.mse_loss(net.heads[i](feats[i]), ys[i][rows]) for i in range(T)]
+            where = net.last_shared if shared == "W" else (None if path == "fast" else h)
+            extra = signals(step) if signals else {}
+            if way == "backward":
+                totals.append(bal.backward(losses, where, grad_scaler=scaler, **extra))
+            else:
+                total = bal.loss(losses, where, **extra)
+                (total if scaler is None else scaler.scale(total)).backward()
+                totals.append(total.detach())
+        grads = [p.grad.clone() for p in list(net.parameters()) + list(bal.parameters())]
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        trace.append((bal.weights, dict(bal.stats), totals, grads, bal.last_step_skipped))
+    return trace
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for (wa, sa, ta, ga, ka), (wb, sb, tb, gb, kb) in zip(a, b, strict=True):
+        assert torch.equal(wa, wb)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+        for u, v in zip(ta, tb, strict=True):
+            assert torch.equal(u, v)
+        for u, v in zip(ga, gb, strict=True):
+            assert torch.equal(u, v)
+        assert ka == kb
+
+
+LOSS_ONLY = {
+    "equal": (lambda: lb.EqualWeighting(T), None),
+    "static": (lambda: lb.StaticWeighting([1.0, 2.0, 5.0]), None),
+    "uncertainty": (lambda: lb.UncertaintyWeighting(T, ["regression", "classification",
+                                                        "regression"]), None),
+    "dtp": (lambda: lb.DynamicTaskPrioritization(T, gamma=2.0, kpi_decay=0.5),
+            lambda step: {"kpis": kpis(step)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_ONLY))
+@pytest.mark.parametrize("scaled", [False, True])
+def test_loss_only_balancers_match_backward_bit_for_bit(name, scaled):
+    make, signals = LOSS_ONLY[name]
+    net0 = problem()[0]
+    out = []
+    for way in ("backward", "loss"):
+        bal = make()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaled else None
+        out.append((run(bal, copy.deepcopy(net0), way, steps=5, scaler=scaler,
+                        signals=signals), bal.state_dict()))
+    assert_same(out[0][0], out[1][0])
+    for key, value in out[0][1].items():
+        assert torch.equal(value, out[1][1][key]), key
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_ONLY))
+def test_loss_checks_like_backward(name):
+    make, signals = LOSS_ONLY[name]
+    bal = make()
+    before = copy.deepcopy(bal.state_dict())
+    good = [torch.tensor(1.0, requires_grad=True) for _ in range(T)]
+    extra = signals(0) if signals else {}
+    with pytest.raises(ValueError, match=r"expected 3|3 losses|got 2"):
+        bal.loss(good[:2], **extra)
+    with pytest.raises(ValueError, match=r"task 1.*non-finite"):
+        bal.loss([good[0], torch.tensor(float("nan"), requires_grad=True), good[2]], **extra)
+    with pytest.raises(TypeError, match="unexpected"):
+        bal.loss(good, nonsense=1, **extra)
+    for key, value in before.items():
+        assert torch.equal(value, bal.state_dict()[key]), key
+    total = bal.loss(good, **extra)
+    assert total.requires_grad and total.dim() == 0
+
+
+def test_skipped_loss_backpropagates_nothing():
+    bal = lb.EqualWeighting(T, on_nonfinite="skip")
+    ok = torch.tensor(2.0, requires_grad=True)
+    total = bal.loss([ok, torch.tensor(float("inf"), requires_grad=True), ok])
+    assert bal.last_step_skipped
+    total.backward()
+    assert ok.grad is None
