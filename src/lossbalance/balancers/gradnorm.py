@@ -62,6 +62,77 @@ from .._update import gradnorm_rule, step_log_weights, step_weights
 from .base import Balancer, SharedLike, _like, _set
 
 
+class _PendingStep:
+    """What a ``GradNorm.loss`` call leaves for after its backward: held by the total's
+    graph only (``_Deferred``'s context), so that a total never backpropagated is dropped
+    with its graph."""
+
+    def __init__(self, balancer: GradNorm, capture: Capture | None, per_sample: bool,
+                 measured: Measurement | None, values: Tensor, w: Tensor, first: bool,
+                 total: Tensor) -> None:
+        self.balancer, self.capture, self.per_sample = balancer, capture, per_sample
+        self.measured, self.values, self.w, self.first = measured, values, w, first
+        self.total = total
+        self.scale: Tensor | None = None
+        self.queued = False
+
+    def arrived(self, grad: Tensor) -> None:
+        """The backward reached the total with ``grad`` (the scaler's scale, or 1): queue the
+        rest of the step for when the whole backward has finished, once per total."""
+        if self.queued:
+            return
+        self.queued = True
+        self.scale = grad.detach()
+        torch.autograd.Variable._execution_engine.queue_callback(self.run)
+
+    def run(self) -> None:
+        """Stages 1 (the fast path's norms, gathered from the hooks), 2 and 3 of the step."""
+        bal, capture = self.balancer, self.capture
+        self.capture = None
+        scaled = bool(self.scale != 1)
+        measured = self.measured
+        try:
+            if capture is not None:
+                try:
+                    norms = capture.finish()
+                    vectors = capture.vectors
+                finally:
+                    capture.end()
+                if scaled:
+                    scale = self.scale
+                    norms = norms / scale.to(norms)
+                    vectors = None if vectors is None else vectors / scale.to(vectors)
+                measured = bal._over_processes(Measurement(norms, vectors, self.per_sample,
+                                                           self.total))
+            assert measured is not None
+            _set(bal, "_scaler", True if scaled else None)  # an overflow then skips
+            # the general path measured unscaled norms; under a scaler, G_i * scale stands
+            # for the scaled gradients' norms, so that their overflow skips the update too
+            seen = (measured.norms * self.scale.to(measured.norms)
+                    if scaled and capture is None else measured.norms)
+            finite = bal._check_finite_norms(seen, before_backward=False)
+            combined = bal._over_window(self.values, measured, finite)
+            if combined is not None:
+                bal._update(*combined, self.w, self.first)
+        finally:
+            _set(bal, "_scaler", None)
+            self.measured = None
+
+
+class _Deferred(torch.autograd.Function):
+    """Identity on the total; its backward hands the arriving gradient to the pending step."""
+
+    @staticmethod
+    def forward(ctx: Any, total: Tensor, pending: _PendingStep) -> Tensor:
+        ctx.pending = pending
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.pending.arrived(grad)
+        return grad, None
+
+
 def _is_process_group(group: object) -> bool:
     return dist.is_available() and isinstance(group, dist.ProcessGroup)
 
@@ -554,10 +625,63 @@ class GradNorm(Balancer):
         finally:
             _set(self, "_tap", None)  # a tap serves one step only
 
+    def loss(self, losses: _checks.LossesLike, shared: SharedLike = None,
+             **signals: Any) -> Tensor:
+        """sum_i w_i L_i with graph, whose ordinary backward takes this GradNorm step.
+
+        ``total = bal.loss(losses, shared)``, then ``total.backward()`` by whoever trains
+        (a trainer, ``accelerator.backward(total)``, ``scaler.scale(total).backward()``)
+        gives the model, the weights and ``stats`` exactly what ``backward(losses, shared)``
+        gives. Everything is checked here, before anything changes. Fast path (``tap``): the
+        capture's hooks are placed on the graph now and fire in that backward; general path:
+        the per-task gradients are measured now. The gradient arriving at the total is taken
+        as a gradient scaler's scale (1 without one): G_i are divided by it, and on an
+        overflow the update is skipped, as with ``backward(..., grad_scaler=...)``. The
+        update runs once that backward has finished (queued on autograd's engine); a total
+        never backpropagated changes nothing, a second backward through it (``retain_graph``)
+        updates nothing again. The pending step lives on the total's graph only.
+        """
+        try:
+            return super().loss(losses, shared, **signals)
+        finally:
+            _set(self, "_tap", None)  # a tap serves one step only
+
     def _loss_step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
                    shared: SharedLike, **signals: Any) -> Tensor:
-        raise NotImplementedError(
-            "GradNorm.loss is not available yet: use GradNorm.backward(losses, shared)")
+        """``_step``'s stages for ``loss``: checks and *measure*'s set-up now, the rest in
+        ``_PendingStep.run`` after the caller's backward."""
+        self._no_signals(signals)
+        tap = self._tap
+        _set(self, "_tap", None)
+        shared_list = _checks.shared_tensors(shared)
+        first = not self._initialized
+        if first and self.alpha > 0:
+            _checks.check_initial_losses(values, self.task_names)
+        # a capture of this call only, referenced by the total's graph and not by self
+        kept, capture = self._capture, Capture(self._workspace, self._capture.chunk_size)
+        _set(self, "_capture", capture)
+        try:
+            site = self._site(losses, tap, shared_list)
+        finally:
+            _set(self, "_capture", kept)
+        w = self.task_weights.clone()
+        k = self.accumulation_steps
+        w_back = w if k == 1 else w / k
+        measured = None
+        if site.h is not None:
+            capture.begin(site.h, site.shared, site.pattern, vectors=site.keep)
+        else:
+            capture = None
+            measured = measure_general(losses, site, w_back, self.general_path == "batched",
+                                       None)
+            measured = self._over_processes(measured)
+            if not self._check_finite_norms(measured.norms, before_backward=True):
+                self._over_window(values, measured, False)  # as backward: no model backward
+                return (values @ _like(w_back, values)).requires_grad_()
+        total = stacked @ _like(w_back.detach(), stacked)
+        pending = _PendingStep(self, capture, site.per_sample, measured, values, w, first,
+                               total.detach())
+        return _Deferred.apply(total, pending)
 
     # ------------------------------------------------------------------ state
     def __getstate__(self) -> dict[str, Any]:
