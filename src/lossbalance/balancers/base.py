@@ -92,22 +92,33 @@ class Balancer(nn.Module):
         scaler skips the optimizer step then too).
         Returns the weighted total (detached, unscaled) for logging.
         """
+        items, stacked, values, skipped = self._begin(losses, grad_scaler)
+        if skipped is not None:
+            return skipped
+        return self._step(items, stacked, values, shared, **signals)
+
+    def _begin(self, losses: LossesLike, grad_scaler: Any
+               ) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
+        """What ``backward`` and ``loss`` do first: the checked losses, their stack [T], the
+        loss values the state uses, and, for a non-finite loss under ``on_nonfinite="skip"``,
+        the (detached) total to return instead of a step (else None). A non-finite loss
+        under "raise" is a ValueError, before anything changes."""
         _set(self, "last_step_skipped", False)
         _set(self, "_scaler", _checks.check_grad_scaler(grad_scaler))
         items = _checks.loss_list(losses, self.num_tasks, self.task_names)
         stacked = torch.stack(items)
         values = self._loss_values(stacked.detach())
         bad = _checks.first_nonfinite(values)
-        if bad is not None:
-            if self.on_nonfinite == "skip":
-                self.last_step_skipped = True
-                self._skipped_call()
-                return (self.weights.to(values) * values).sum()
-            raise ValueError(
-                f"the loss of {_checks.task_label(bad, self.task_names)} is "
-                f"{float(values[bad])} (non-finite); pass on_nonfinite='skip' to skip such steps"
-            )
-        return self._step(items, stacked, values, shared, **signals)
+        if bad is None:
+            return items, stacked, values, None
+        if self.on_nonfinite == "skip":
+            self.last_step_skipped = True
+            self._skipped_call()
+            return items, stacked, values, (self.weights.to(values) * values).sum()
+        raise ValueError(
+            f"the loss of {_checks.task_label(bad, self.task_names)} is "
+            f"{float(values[bad])} (non-finite); pass on_nonfinite='skip' to skip such steps"
+        )
 
     def loss(self, losses: LossesLike, shared: SharedLike = None, **signals: Any) -> Tensor:
         """The weighted total sum_i w_i L_i, with graph, for a trainer to backpropagate.
@@ -121,21 +132,9 @@ class Balancer(nn.Module):
         train through the total's graph). A non-finite loss with ``on_nonfinite="skip"``
         returns sum_i w_i L_i as a leaf whose backward changes no model gradient.
         """
-        _set(self, "last_step_skipped", False)
-        _set(self, "_scaler", None)
-        items = _checks.loss_list(losses, self.num_tasks, self.task_names)
-        stacked = torch.stack(items)
-        values = self._loss_values(stacked.detach())
-        bad = _checks.first_nonfinite(values)
-        if bad is not None:
-            if self.on_nonfinite == "skip":
-                self.last_step_skipped = True
-                self._skipped_call()
-                return (self.weights.to(values) * values).sum().requires_grad_()
-            raise ValueError(
-                f"the loss of {_checks.task_label(bad, self.task_names)} is "
-                f"{float(values[bad])} (non-finite); pass on_nonfinite='skip' to skip such steps"
-            )
+        items, stacked, values, skipped = self._begin(losses, None)
+        if skipped is not None:
+            return skipped.requires_grad_()
         return self._loss_step(items, stacked, values, shared, **signals)
 
     def _loss_step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,

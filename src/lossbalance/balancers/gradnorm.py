@@ -421,13 +421,7 @@ class GradNorm(Balancer):
         **signals: Any
     ) -> Tensor:
         """measure, combine, update: see DESIGN.md "One step, in three stages"."""
-        self._no_signals(signals)
-        tap = self._tap
-        _set(self, "_tap", None)
-        shared_list = _checks.shared_tensors(shared)
-        first = not self._initialized
-        if first and self.alpha > 0:
-            _checks.check_initial_losses(values, self.task_names)
+        tap, shared_list, first = self._step_inputs(values, shared, signals)
         site = self._site(losses, tap, shared_list)  # every check, before anything changes
         w = self.task_weights.clone()  # the weights of this step (the buffer changes)
         k = self.accumulation_steps
@@ -458,6 +452,18 @@ class GradNorm(Balancer):
         if combined is not None:
             self._update(*combined, w, first)
         return total
+
+    def _step_inputs(self, values: Tensor, shared: SharedLike, signals: dict[str, Any]
+                     ) -> tuple[Tap | None, list[Tensor], bool]:
+        """A step's tap (taken: it serves one step), its shared tensors, and whether it is
+        the first step (L(0) = these losses, checked > 0 when alpha > 0)."""
+        self._no_signals(signals)
+        tap = self._tap
+        _set(self, "_tap", None)
+        first = not self._initialized
+        if first and self.alpha > 0:
+            _checks.check_initial_losses(values, self.task_names)
+        return tap, _checks.shared_tensors(shared), first
 
     def _site(self, losses: list[Tensor], tap: Tap | None, shared: list[Tensor]) -> Site:
         """Where this call measures (see ``_taps.Site``), with the graph and the window
@@ -650,13 +656,7 @@ class GradNorm(Balancer):
                    shared: SharedLike, **signals: Any) -> Tensor:
         """``_step``'s stages for ``loss``: checks and *measure*'s set-up now, the rest in
         ``_PendingStep.run`` after the caller's backward."""
-        self._no_signals(signals)
-        tap = self._tap
-        _set(self, "_tap", None)
-        shared_list = _checks.shared_tensors(shared)
-        first = not self._initialized
-        if first and self.alpha > 0:
-            _checks.check_initial_losses(values, self.task_names)
+        tap, shared_list, first = self._step_inputs(values, shared, signals)
         # a capture of this call only, referenced by the total's graph and not by self
         kept, capture = self._capture, Capture(self._workspace, self._capture.chunk_size)
         _set(self, "_capture", capture)
