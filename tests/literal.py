@@ -115,3 +115,12 @@ class ToyNet(nn.Module):
     @property
     def last_shared(self):
         return self.trunk[-2].weight
+
+
+def toy_problem(seed=0, batch=16, dtype=torch.float32):
+    """A 3-task ToyNet and one batch whose targets differ in scale (1, 10, 100)."""
+    torch.manual_seed(seed)
+    net = ToyNet(3).to(dtype)
+    x = torch.randn(batch, 8, dtype=dtype)
+    ys = [torch.randn(batch, 4, dtype=dtype) * s for s in (1.0, 10.0, 100.0)]
+    return net, x, ys

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from literal import ToyNet
+from literal import toy_problem
 from torch.nn import functional as F
 
 import lossbalance as lb
@@ -19,11 +19,7 @@ T, BATCH = 3, 32
 
 
 def problem(seed=0):
-    torch.manual_seed(seed)
-    net = ToyNet(T).double()
-    x = torch.randn(BATCH, 8, dtype=torch.float64)
-    ys = [torch.randn(BATCH, 4, dtype=torch.float64) * s for s in (1.0, 10.0, 100.0)]
-    return net, x, ys
+    return toy_problem(seed, BATCH, torch.float64)
 
 
 def step(net, bal, x, ys, path, where):

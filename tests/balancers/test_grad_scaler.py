@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from literal import ToyNet
+from literal import toy_problem
 from torch.nn import functional as F
 
 import lossbalance as lb
@@ -14,12 +14,7 @@ import lossbalance as lb
 T = 3
 
 
-def problem(seed=0):
-    torch.manual_seed(seed)
-    net = ToyNet(T)
-    x = torch.randn(16, 8)
-    ys = [torch.randn(16, 4) * s for s in (1.0, 10.0, 100.0)]
-    return net, x, ys
+problem = toy_problem
 
 
 def run(bal, path, steps, scaler=None, net=None):
