@@ -8,6 +8,7 @@ updates its weights w from what it measured in that step. It is a ``torch.nn.Mod
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +33,17 @@ def _set(module: nn.Module, name: str, value: Any) -> None:
     parameters, buffers and submodules run on each of a step's assignments: 0.014-0.016x of
     the T = 10 toy step (benchmarks/compare_versions.py, interleaved, at W and at h)."""
     object.__setattr__(module, name, value)
+
+
+def _outside_autocast(t: Tensor) -> AbstractContextManager[Any]:
+    """Autocast off on ``t``'s device for a balancer's own arithmetic, when a caller's
+    autocast region is on (a trainer runs ``training_step``, where ``loss`` is called, under
+    it): inside, the total's matmul sum_i w_i L_i would run in bfloat16/float16, rounding the
+    total and, through its backward, every w_i the model's gradients carry (to 3 significant
+    digits in bfloat16). Outside, the step runs in the losses' dtype, as without autocast."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return nullcontext()
 
 
 class Balancer(nn.Module):
@@ -95,7 +107,8 @@ class Balancer(nn.Module):
         items, stacked, values, skipped = self._begin(losses, grad_scaler)
         if skipped is not None:
             return skipped
-        return self._step(items, stacked, values, shared, **signals)
+        with _outside_autocast(stacked):
+            return self._step(items, stacked, values, shared, **signals)
 
     def _begin(self, losses: LossesLike, grad_scaler: Any
                ) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
@@ -135,7 +148,8 @@ class Balancer(nn.Module):
         items, stacked, values, skipped = self._begin(losses, None)
         if skipped is not None:
             return skipped.requires_grad_()
-        return self._loss_step(items, stacked, values, shared, **signals)
+        with _outside_autocast(stacked):
+            return self._loss_step(items, stacked, values, shared, **signals)
 
     def _loss_step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
                    shared: SharedLike, **signals: Any) -> Tensor:
