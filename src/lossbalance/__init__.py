@@ -2,6 +2,11 @@
 
 from . import native
 from .balancers import (
+    DWA,
+    FAMO,
+    GLS,
+    IMTLL,
+    RLW,
     Balancer,
     DynamicTaskPrioritization,
     EqualWeighting,
@@ -13,6 +18,11 @@ from .balancers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DWA",
+    "FAMO",
+    "GLS",
+    "IMTLL",
+    "RLW",
     "Balancer",
     "DynamicTaskPrioritization",
     "EqualWeighting",
