@@ -58,7 +58,8 @@ class RLW(Balancer):
         self.distribution = distribution
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("task_weights", self._draw().float())
+        # float64, as drawn (``.float()`` may cast it): a float64 model gets the draw unrounded
+        self.register_buffer("task_weights", self._draw())
 
     def _draw(self) -> Tensor:
         """lambda = softmax(lambda~) for one draw of lambda~ (float64, on the CPU)."""
