@@ -1,0 +1,110 @@
+"""GradNorm inside PyTorch Lightning: ``training_step`` returns ``bal.loss(...)``.
+
+Lightning runs the backward (through its precision plugin's gradient scaler, if any) and the
+optimizer; the total's ordinary backward takes GradNorm's step. The balancer is a submodule
+of the LightningModule, so its weights go into Lightning's checkpoints. Under DDP it
+synchronises by itself (its ``distributed`` defaults to following the process group).
+
+    python examples/lightning_gradnorm.py                          # automatic optimisation
+    python examples/lightning_gradnorm.py --manual                 # manual optimisation
+    python examples/lightning_gradnorm.py --devices 2              # DDP, 2 CPU processes
+    python examples/lightning_gradnorm.py --precision bf16-mixed   # bfloat16 autocast
+
+The model, data and GradNorm's settings are those of ``multitask.py``, next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from multitask import (
+    MODEL_LR,
+    T,
+    log_values,
+    make_balancer,
+    make_data,
+    make_model,
+    shard_rows,
+    task_losses,
+)
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class GradNormModule(pl.LightningModule):
+    """The multi-task model and its GradNorm balancer; ``manual=True`` for manual
+    optimisation (``self.manual_backward(bal.loss(...))``)."""
+
+    def __init__(self, steps: int = 20, batch_size: int = 32, seed: int = 0,
+                 manual: bool = False) -> None:
+        super().__init__()
+        self.steps, self.batch_size, self.seed = steps, batch_size, seed
+        self.net = make_model(seed)
+        self.bal = make_balancer()
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        losses = task_losses(self.net(x, self.bal), y)
+        total = self.bal.loss(losses, shared=self.net.last_shared)  # sum_i w_i L_i
+        if self.automatic_optimization:
+            return total  # Lightning's backward of it takes GradNorm's step
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(total)
+        opt.step()
+        return None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # after the backward: bal.stats holds this step's weights and G_i
+        self.log_dict(log_values(self.bal), on_step=True, on_epoch=False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.parameters(), lr=MODEL_LR)
+
+    def train_dataloader(self) -> DataLoader:
+        # each process its own 1/P of every batch, in order (see multitask.shard_rows)
+        world = self.trainer.world_size
+        rows = shard_rows(self.steps, self.batch_size, self.global_rank, world)
+        x, y = make_data(self.steps, self.batch_size, self.seed)
+        return DataLoader(TensorDataset(x[rows], y[rows]), batch_size=self.batch_size // world)
+
+
+def make_trainer(steps: int, devices: int = 1, precision: str = "32-true",
+                 plugins: list | None = None) -> pl.Trainer:
+    """A CPU trainer for ``steps`` steps, quiet; DDP over gloo when ``devices`` > 1."""
+    return pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        precision=None if plugins else precision, plugins=plugins, max_steps=steps,
+        max_epochs=1, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP if > 1)")
+    parser.add_argument("--manual", action="store_true", help="manual optimisation")
+    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
+    parser.add_argument("--out", type=Path, help="save each process's final weights and "
+                        "model parameters to OUT/rank<r>.pt")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    module = GradNormModule(args.steps, args.batch_size, manual=args.manual)
+    trainer = make_trainer(args.steps, args.devices, args.precision)
+    trainer.fit(module)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": module.bal.weights, "model": module.net.state_dict()},
+                   args.out / f"rank{trainer.global_rank}.pt")
+    if trainer.is_global_zero:
+        metrics = trainer.callback_metrics
+        print("weights", [round(float(metrics[f"w_{i}"]), 6) for i in range(T)])
+        print("G_i    ", [round(float(metrics[f"G_{i}"]), 6) for i in range(T)])
+
+
+if __name__ == "__main__":
+    main()
