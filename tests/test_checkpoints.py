@@ -30,6 +30,11 @@ MAKERS = {
                                         optimizer_kwargs={"momentum": 0.9}),
     "gradnorm-log": lambda: lb.GradNorm(T, log_weights=True),
     "gradnorm-window": lambda: lb.GradNorm(T, accumulation_steps=2),
+    "dwa": lambda: lb.DWA(T, period=2),  # saved mid-epoch, resumed across two epoch ends
+    "rlw": lambda: lb.RLW(T, seed=5),  # the generator's state travels
+    "gls": lambda: lb.GLS(T),
+    "famo": lambda: lb.FAMO(T),  # the logits' Adam state and the pending losses travel
+    "imtl-l": lambda: lb.IMTLL(T),
 }
 
 

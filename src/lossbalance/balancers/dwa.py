@@ -85,9 +85,9 @@ class DWA(Balancer):
         closes = self.period is not None and new_steps == self.period
         if closes:  # refuse a bad epoch average before anything changes
             self._check_average(new_sum / new_steps)
-        weights = self.task_weights
+        weights = self.task_weights.clone()  # ``loss``'s graph keeps it past epoch_end
         total = self._weighted_backward(stacked, weights)
-        self.stats = {"weight": weights.detach().clone()}
+        self.stats = {"weight": weights}
         self.epoch_loss_sum.copy_(new_sum)
         self.epoch_steps.fill_(new_steps)
         if closes:
