@@ -1,0 +1,75 @@
+"""Shared quadratic programs of the aggregation rules, solved exactly as non-negative least squares.
+
+The rules' QPs are posed over task weights w with the Gram matrix G as Hessian, which is only
+positive SEMI-definite when the gradients are linearly dependent (fewer coordinates than tasks,
+duplicated or collinear tasks). Each QP below is rewritten as a non-negative least-squares
+problem in the r = rank(G) coordinates of L (L L^T = G, ``_gram.gram_factor``) and solved with
+Lawson & Hanson's active-set algorithm (``scipy.optimize.nnls``): exact to rounding, no
+regularisation added, and well defined when G is singular. (``quadprog``, which needs a
+strictly convex program, declares e.g. the projection of two opposite 1-d gradients onto
+their dual cone {0} "inconsistent"; torchjd avoids that by adding 1e-4 * I to the
+trace-normalised G, which moves the answer.)
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+EXTRA_HINT = 'pip install "lossbalance[solvers]"'
+
+
+def require(module: str, rule: str) -> ModuleType:
+    """Import ``module`` for ``rule``, or an ImportError naming the package and the extra."""
+    package = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{rule} needs the package '{package}', which is not installed; install the "
+            f"solvers extra: {EXTRA_HINT}"
+        ) from err
+
+
+def nnls(A: Tensor, b: Tensor, rule: str) -> Tensor:
+    """argmin_{x >= 0} ||A x - b||^2 (float64), by ``scipy.optimize.nnls``."""
+    optimize = require("scipy.optimize", rule)
+    x, _ = optimize.nnls(A.numpy(), b.numpy(), maxiter=100 * max(A.shape[1], 1))
+    return torch.from_numpy(x).to(torch.float64)
+
+
+def min_norm_simplex(L: Tensor, rule: str = "MGDA") -> Tensor:
+    """w* in argmin_{w >= 0, sum w = 1} ||L^T w||^2: the weights of the min-norm point of
+    conv{l_i} (the rows of L, i.e. the gradients g_i in r coordinates).
+
+    As Lawson & Hanson's least-distance programming (1974, ch. 23) reduces to NNLS:
+        u* = argmin_{u >= 0} ||L^T u||^2 + (1^T u - 1)^2,   w* = u* / 1^T u*.
+    Writing u = t w (w in the simplex, t >= 0), the objective is t^2 q + (t - 1)^2 with
+    q = ||L^T w||^2, minimal at t = 1 / (1 + q) with value q / (1 + q), increasing in q: so
+    u*'s direction minimises q over the simplex. When 0 is in the hull (q* = 0), t = 1 and w*
+    is a convex combination with L^T w* = 0. G = 0 gives the uniform w.
+    """
+    T, r = L.shape
+    if r == 0:
+        return torch.full((T,), 1.0 / T, dtype=torch.float64)
+    A = torch.cat([L.T, torch.ones(1, T, dtype=torch.float64)])
+    b = torch.zeros(r + 1, dtype=torch.float64)
+    b[-1] = 1.0
+    u = nnls(A, b, rule)
+    return u / u.sum()
+
+
+def dual_cone_weights(L: Tensor, u: Tensor, rule: str = "UPGrad") -> Tensor:
+    """v with L^T v = the projection of L^T u onto the dual cone K = {x : L x >= 0}.
+
+    Quinton & Rey (2024), Prop. 1: pi_J(J^T u) = J^T v with v = argmin_{v >= u} v^T G v.
+    With v = u + mu, mu >= 0, that is the NNLS problem mu* = argmin_{mu >= 0} ||L^T mu + L^T u||^2
+    (Moreau's decomposition: -L^T mu* is the projection onto the polar cone), so v = u + mu*.
+    The direction L^T v is unique; v is unique when G is invertible.
+    """
+    if L.shape[1] == 0:
+        return u.clone()
+    return u + nnls(L.T.contiguous(), -(L.T @ u), rule)
