@@ -84,7 +84,10 @@ class Site(NamedTuple):
     that ``nn.Linear``'s parameters (fast path), else None; ``per_sample``: whether the
     gradients at S are per-sample (h, non-leaf tensors: parts of a batch combine as the root of
     their summed squares) or a parameter's (parts add up); ``keep``: whether to keep each
-    task's gradient at S, for the exact combination at parameters (``lossbalance._combine``).
+    task's gradient at S, for the exact combination at parameters (``lossbalance._combine``);
+    ``gram``: whether to form the tasks' Gram matrix <g_i, g_j> at S (the aggregation
+    methods: on the general path from the kept per-task gradients, on the fast path from
+    each g_i at h, see ``gram_at_tap``).
     """
 
     h: Tensor | None
@@ -92,6 +95,7 @@ class Site(NamedTuple):
     pattern: LinearPattern | None
     per_sample: bool
     keep: bool
+    gram: bool = False
 
 
 class Measurement(NamedTuple):
@@ -104,15 +108,15 @@ class Measurement(NamedTuple):
     when the measurement ran the model's backward (fast path), else None (the general path
     measures before it).
 
-    The aggregation methods (MGDA, PCGrad, CAGrad, ...) need the tasks' Gram matrix
-    <g_i, g_j> at h or at W; it belongs here beside ``norms`` (its diagonal is norms^2),
-    measured from the same g_i or delta_i (see DESIGN.md); it is not built yet.
+    ``gram``: the tasks' Gram matrix G_ij = <g_i, g_j> [T, T] at S when ``Site.gram`` (the
+    aggregation methods: MGDA, PCGrad, CAGrad, ...), else None; its diagonal is norms^2.
     """
 
     norms: Tensor
     vectors: Tensor | None
     per_sample: bool
     total: Tensor | None
+    gram: Tensor | None = None
 
 
 def measure_at_tap(capture: Capture, site: Site, backward: Callable[[], Tensor],
@@ -145,18 +149,98 @@ def measure_general(losses: Sequence[Tensor], site: Site, weights: Tensor, batch
     the loop, which alone tells which task overflowed), before the model's backward.
 
     Returns the Measurement with G_i = w_i ||dL_i/dS|| (``weights``: w as the backward will
-    use them), the weighted per-task gradients when ``site.keep``, and ``total`` None: the
-    caller runs the backward once the norms are known to be finite.
+    use them), the weighted per-task gradients when ``site.keep`` or ``site.gram``, their
+    Gram matrix when ``site.gram``, and ``total`` None: the caller runs the backward once
+    the norms are known to be finite.
     """
-    measure = per_task_vectors if site.keep else per_task_norms
+    keep = site.keep or site.gram
+    measure = per_task_vectors if keep else per_task_norms
     grads = measure(losses, site.shared, batched, scale)
-    norms = row_norms(grads) if site.keep else grads
+    norms = row_norms(grads) if keep else grads
     if batched and first_nonfinite(norms) is not None:
         grads = measure(losses, site.shared, False, scale)  # the right task
-        norms = row_norms(grads) if site.keep else grads
+        norms = row_norms(grads) if keep else grads
     norms_w = weights.to(norms) * norms
-    vectors = grads.mul_(weights.to(grads)[:, None]) if site.keep else None
-    return Measurement(norms_w, vectors, site.per_sample, None)
+    vectors = grads.mul_(weights.to(grads)[:, None]) if keep else None
+    gram = gram_of(vectors) if site.gram else None  # type: ignore[arg-type]
+    return Measurement(norms_w, vectors, site.per_sample, None, gram)
+
+
+def gram_of(vectors: Tensor) -> Tensor:
+    """G = V V^T [T, T] for the rows of V [T, P] (one matmul), made exactly symmetric."""
+    gram = vectors @ vectors.T
+    return (gram + gram.T) / 2
+
+
+def gram_at_tap(grads: Tensor, h: Tensor, shared: Sequence[Tensor],
+                pattern: LinearPattern | None, vectors: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+    """The Gram matrix of the per-task gradients at ``shared`` (at h itself when empty),
+    from each task's gradient at h, ``grads`` [T, *h.shape] (a ``Capture`` in "grads" mode
+    kept them), in float32 or wider. Returns (G [T, T], the per-task vectors [T, P] or None).
+
+    At h: G = V V^T with V = grads viewed [T, |h|] (T^2 |h| multiply-adds, one matmul).
+    At one ``nn.Linear`` (``pattern``): delta_i = g_i * act'(z) [T, R, out] (R rows of the
+    layer's input x [R, in]) and dW_i = delta_i^T x, db_i = sum_r delta_i; for the weight,
+    <dW_i, dW_j> = sum_{r,s} (x x^T)_{rs} (delta_i delta_j^T)_{rs}, from K delta_j with
+    K = x x^T when the layer is wider than the batch (R < in: T R^2 out + T^2 R out
+    multiply-adds), else from dW_i formed by one batched matmul (T R out in + T^2 out in).
+    Elsewhere: one vector-Jacobian product from h to ``shared`` per task (the graph below h
+    is still alive when the hook on h runs). ``vectors`` (the per-task gradients at
+    ``shared`` themselves, for an average over processes) forms dW_i and db_i whatever the
+    widths.
+    """
+    dtype = _norm_dtype(h)
+    num_tasks = grads.shape[0]
+    flat = grads.view(num_tasks, -1)
+    if not shared:
+        flat = flat if flat.dtype == dtype else flat.to(dtype)
+        return gram_of(flat), (flat if vectors else None)
+    if pattern is None:  # the generic vector-Jacobian product, one per task
+        rows = torch.stack([
+            flat_rows(torch.autograd.grad(h, list(shared), grads[i], retain_graph=True,
+                                          allow_unused=True), shared, None, dtype)
+            for i in range(num_tasks)
+        ])
+        return gram_of(rows), (rows if vectors else None)
+    x = pattern.x
+    delta = grads * activation_derivative(pattern, h)
+    delta = delta.view(num_tasks, x.shape[0], h.shape[-1])  # [T, R, out]
+    if vectors:
+        rows = torch.cat([
+            torch.matmul(delta.transpose(1, 2), x).reshape(num_tasks, -1)
+            if pattern.roles[id(p)] == "weight" else delta.sum(dim=1)
+            for p in shared
+        ], dim=1).to(dtype)
+        return gram_of(rows), rows
+    gram = None
+    for p in shared:
+        if pattern.roles[id(p)] == "weight" and x.shape[0] < x.shape[1]:
+            kd = torch.matmul(x @ x.T, delta)  # K delta_j, K = x x^T [R, R]
+            part = delta.reshape(num_tasks, -1).to(dtype) @ kd.reshape(num_tasks, -1).to(dtype).T
+        elif pattern.roles[id(p)] == "weight":
+            dw = torch.matmul(delta.transpose(1, 2), x).reshape(num_tasks, -1).to(dtype)
+            part = dw @ dw.T  # dW_i = delta_i^T x
+        else:
+            db = delta.sum(dim=1).to(dtype)  # db_i = sum_r delta_i
+            part = db @ db.T
+        gram = part if gram is None else gram + part
+    assert gram is not None
+    return (gram + gram.T) / 2, None
+
+
+def activation_derivative(pattern: LinearPattern, h: Tensor) -> Tensor:
+    """act'(z) for h = act_k(...act_1(z)), z = x W^T + b: element-wise, as h's shape (the
+    activation chain's VJP of ones; ones without activations)."""
+    if pattern.jac is not None:
+        return pattern.jac
+    if pattern.relu_out is not None:
+        return (pattern.relu_out > 0).to(h.dtype)
+    jac = torch.ones_like(h)
+    with torch.no_grad():
+        for node in pattern.acts or ():
+            jac = node(jac)
+    return jac
 
 
 def row_norms(vectors: Tensor) -> Tensor:
@@ -325,15 +409,18 @@ class Capture:
         return state
 
     def walk(self, losses: Sequence[Tensor], h: Tensor, shared: Sequence[Tensor],
-             edges: Sequence | None, pattern: LinearPattern | None, vectors: bool
-             ) -> tuple | None:
+             edges: Sequence | None, pattern: LinearPattern | None, vectors: bool,
+             grads: bool = False) -> tuple | None:
         """Find each loss's nodes that read h (``_graph.consumers_of``), for ``begin``.
 
         Returns ``consumers_of``'s problem or None. The C++ capture (``lossbalance._native``)
         walks and hooks when it serves the step's mode: norms at h, or at one ``nn.Linear``
-        weight no wider than the batch without kept vectors; otherwise the Python walk runs.
+        weight no wider than the batch without kept vectors; otherwise (and for ``grads``,
+        the per-task gradients at h that ``begin(..., grads=True)`` keeps) the Python walk
+        runs.
         """
-        native = self.native_capture() if _native_serves(shared, pattern, vectors) else None
+        native = (self.native_capture()
+                  if not grads and _native_serves(shared, pattern, vectors) else None)
         if native is not None:
             self._walked = native
             return native.walk(list(losses), h, list(shared))
@@ -350,15 +437,20 @@ class Capture:
         return self._native
 
     def begin(self, h: Tensor, shared: Sequence[Tensor],
-              pattern: LinearPattern | None, vectors: bool = False) -> None:
+              pattern: LinearPattern | None, vectors: bool = False,
+              grads: bool = False) -> None:
         """Hook the consumer nodes that ``walk`` found. ``vectors``: also keep each task's
         gradient at the shared parameters, as row i of ``self.vectors`` [T, P] (see
         ``per_task_vectors`` for the layout), for the exact combination over micro-batches
-        or processes."""
+        or processes. ``grads`` (the aggregation methods): keep each task's gradient at h
+        itself, as row i of ``self.grads`` [T, *h.shape] (a buffer of the workspace), and
+        nothing else; ``kept_grads()`` returns it once every task has delivered."""
         walked, self._walked = self._walked, None
         self.h, self.shared, self.pattern = h, list(shared), pattern
         self.norm_dtype = _norm_dtype(h)
         self.mode = "h" if not self.shared else ("linear" if pattern is not None else "vjp")
+        if grads:
+            self.mode = "grads"
         if not isinstance(walked, list):  # the C++ capture walked; it hooks too
             num_tasks = walked.num_consumers()
             self.out = self.workspace.get("norms", (num_tasks,), h, self.norm_dtype)
@@ -374,7 +466,9 @@ class Capture:
         self.remaining = [len(edges) for edges in consumers]
         self.out, self.rows = self.workspace.rows("norms", (num_tasks,), h, self.norm_dtype)
         self._take = {"h": self._take_h, "vjp": self._take_vjp,
-                      "linear": self._take_linear}[self.mode]
+                      "linear": self._take_linear, "grads": self._take_grad}[self.mode]
+        if self.mode == "grads":
+            self.grads, self.grad_rows = self.workspace.rows("grads", (num_tasks, *h.shape), h)
         if vectors and self.mode != "h":
             size = sum(p.numel() for p in self.shared)
             self.vectors = self.workspace.get("vectors", (num_tasks, size), h, self.norm_dtype)
@@ -436,6 +530,18 @@ class Capture:
         # into row i of the kept buffer: no tensor a task, no stack of T scalars at the end
         torch.linalg.vector_norm(g, dtype=self.norm_dtype, out=self.rows[i])
         self.done[i] = True
+
+    def _take_grad(self, i: int, g: Tensor) -> None:
+        self.grad_rows[i].copy_(g)
+        self.done[i] = True
+
+    def kept_grads(self) -> Tensor:
+        """The tasks' gradients at h [T, *h.shape] kept in "grads" mode, once the hooks of
+        every task have run (the workspace's buffer: read it before the next step)."""
+        missing = [i for i, done in enumerate(self.done) if not done]
+        if missing:  # the graph walk promised every task a consumer node
+            raise RuntimeError(f"no gradient at h was seen for tasks {missing}")
+        return self.grads
 
     def _take_vjp(self, i: int, g: Tensor) -> None:
         grads = torch.autograd.grad(self.h, self.shared, g, retain_graph=True,
@@ -575,8 +681,8 @@ class Capture:
             self.native.end()
         self.native = None
         self.h = self.pattern = self.jac = self.gram = None  # type: ignore[assignment]
-        self.x = self.relu_out = self.dw = self.vectors = None
-        self.shared, self.done, self.slots, self.rows = [], [], (), ()
+        self.x = self.relu_out = self.dw = self.vectors = self.grads = None
+        self.shared, self.done, self.slots, self.rows, self.grad_rows = [], [], (), (), ()
         self.delta = self.delta_rows = None
         self.mode, self._take = "h", self._take_h
         self.partial.clear()
