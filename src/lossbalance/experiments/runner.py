@@ -17,6 +17,20 @@ Methods (``--methods``):
 - ``static``: ``lb.StaticWeighting`` holding the final weights of the ``gradnorm`` run (at the
   main alpha) of the same seed, retrained from scratch with the same initialisation and batches.
 - ``grid``: ``lb.StaticWeighting`` at every point of ``experiments.grid.make_grid``, per seed.
+- ``dwa``: ``lb.DWA(T)`` (temperature 2), ``bal.epoch_end()`` after each of the study's
+  epochs (``Study.steps_per_epoch``).
+- ``rlw``: ``lb.RLW(T, seed=seed)``, softmax of N(0, I) draws.
+- ``gls``: ``lb.GLS(T)``, the geometric mean of the losses.
+- ``famo``: ``lb.FAMO(T, update="explicit")`` driven as the official code: after the optimizer
+  step the batch is evaluated again (no grad) and ``bal.update(new_losses)`` steps the logits.
+  ``famo-next``: ``lb.FAMO(T)``, the logits stepped from the next step's losses (no extra
+  forward).
+- ``imtl-l``: ``lb.IMTLL(T)``, learned loss scales trained by the model's optimizer.
+
+Each method is one :class:`Method` in ``METHOD_SPECS``: how its balancer is built and how a
+step drives it (``backward`` with ``shared=``/``kpis=``, and a call after the optimizer step).
+A method measured at the study's shared tensor is one line there, e.g.
+``"mgda": Method(lambda study, run, options: lb.MGDA(study.num_tasks), shared=True)``.
 
 The alpha sweep trains ``gradnorm`` at every ``--alphas`` value (one run per alpha and seed;
 the main alpha's run is shared with the method comparison).
@@ -54,8 +68,84 @@ from lossbalance._taps import per_task_norms
 from . import grid as gridlib
 from .study import Study, check_methods
 
-METHODS = ("single", "equal", "gradnorm", "gradnorm-log", "uncertainty", "dtp", "static",
-           "grid")
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a method's ``after_step`` sees, after the optimizer step of ``step``."""
+
+    study: Study
+    model: torch.nn.Module
+    batch: Any
+    tasks: tuple[int, ...]
+    step: int
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the runner builds one method's balancer and drives it, as a user would.
+
+    ``make(study, run, options)``: the balancer. ``shared``: ``backward(losses,
+    shared=study.shared(model))`` (methods that measure gradients there). ``kpis``:
+    ``backward(losses, kpis=study.kpis(...))``. ``after_step(bal, context)``: called after each
+    optimizer step. ``needs_epochs``: the study must have ``steps_per_epoch``.
+    ``reports_grad_norms``: the balancer's ``stats["grad_norm"]`` fills metrics.csv's grad_norm
+    columns (the runner measures ||grad_W (w_i L_i)|| for the others).
+    """
+
+    make: Callable[[Study, Run, Options], lb.Balancer]
+    shared: bool = False
+    kpis: bool = False
+    after_step: Callable[[lb.Balancer, StepContext], None] | None = None
+    needs_epochs: bool = False
+    reports_grad_norms: bool = False
+
+
+def _static(study: Study, run: Run, options: Options) -> lb.Balancer:
+    if run.weights is None:
+        raise ValueError(f"a {run.method} run needs its weights")
+    return lb.StaticWeighting(run.weights)
+
+
+def _epoch_end(bal: lb.Balancer, ctx: StepContext) -> None:
+    """DWA: close the epoch after its last step."""
+    if (ctx.step + 1) % ctx.study.steps_per_epoch == 0:
+        bal.epoch_end()
+
+
+def _famo_update(bal: lb.Balancer, ctx: StepContext) -> None:
+    """FAMO as the official code drives it: the same batch's losses after the step."""
+    with torch.no_grad():
+        preds = ctx.study.forward(ctx.model, ctx.batch, lambda h: (h,) * len(ctx.tasks))
+        bal.update([ctx.study.task_loss(t, p, ctx.batch)
+                    for t, p in zip(ctx.tasks, preds, strict=True)])
+
+
+#: Every method but ``single`` (no balancer), by its ``--methods`` name.
+METHOD_SPECS: dict[str, Method] = {
+    "equal": Method(lambda study, run, options: lb.EqualWeighting(study.num_tasks)),
+    "gradnorm": Method(lambda study, run, options: lb.GradNorm(
+        study.num_tasks, alpha=run.alpha, lr=options.weight_lr), shared=True,
+        reports_grad_norms=True),
+    "gradnorm-log": Method(lambda study, run, options: lb.GradNorm(
+        study.num_tasks, alpha=run.alpha, lr=options.weight_lr, log_weights=True),
+        shared=True, reports_grad_norms=True),
+    "uncertainty": Method(lambda study, run, options: lb.UncertaintyWeighting(
+        study.num_tasks, list(study.task_kinds))),
+    "dtp": Method(lambda study, run, options: lb.DynamicTaskPrioritization(
+        study.num_tasks, gamma=options.dtp_gamma), kpis=True),
+    "static": Method(_static),
+    "grid": Method(_static),
+    "dwa": Method(lambda study, run, options: lb.DWA(study.num_tasks), after_step=_epoch_end,
+                  needs_epochs=True),
+    "rlw": Method(lambda study, run, options: lb.RLW(study.num_tasks, seed=run.seed)),
+    "gls": Method(lambda study, run, options: lb.GLS(study.num_tasks)),
+    "famo": Method(lambda study, run, options: lb.FAMO(study.num_tasks, update="explicit"),
+                   after_step=_famo_update),
+    "famo-next": Method(lambda study, run, options: lb.FAMO(study.num_tasks)),
+    "imtl-l": Method(lambda study, run, options: lb.IMTLL(study.num_tasks)),
+}
+
+METHODS = ("single", *METHOD_SPECS)
 
 
 @dataclass
@@ -98,6 +188,10 @@ class Options:
     def validate(self, study: Study) -> None:
         """Raise ValueError naming the first bad setting (nothing has run yet)."""
         check_methods(self.methods, METHODS)
+        for m in self.methods:
+            if m != "single" and METHOD_SPECS[m].needs_epochs and not study.steps_per_epoch:
+                raise ValueError(f"method {m!r} needs epochs; the {study.name} study has no "
+                                 "steps_per_epoch")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"--seeds must be an integer >= 1, got {self.seeds}")
         for a in (self.alpha, *self.alphas):
@@ -195,24 +289,11 @@ def total_steps(study: Study, runs: Sequence[Run]) -> int:
 
 def make_balancer(study: Study, run: Run, options: Options) -> lb.Balancer | None:
     """The run's balancer (None for a single-task run)."""
-    T = study.num_tasks
     if run.method == "single":
         return None
-    if run.method == "equal":
-        return lb.EqualWeighting(T)
-    if run.method == "gradnorm":
-        return lb.GradNorm(T, alpha=run.alpha, lr=options.weight_lr)
-    if run.method == "gradnorm-log":
-        return lb.GradNorm(T, alpha=run.alpha, lr=options.weight_lr, log_weights=True)
-    if run.method == "uncertainty":
-        return lb.UncertaintyWeighting(T, list(study.task_kinds))
-    if run.method in ("static", "grid"):
-        if run.weights is None:
-            raise ValueError(f"a {run.method} run needs its weights")
-        return lb.StaticWeighting(run.weights)
-    if run.method == "dtp":
-        return lb.DynamicTaskPrioritization(T, gamma=options.dtp_gamma)
-    raise ValueError(f"unknown method {run.method!r}")
+    if run.method not in METHOD_SPECS:
+        raise ValueError(f"unknown method {run.method!r}")
+    return METHOD_SPECS[run.method].make(study, run, options)
 
 
 def columns(study: Study, with_variant: bool) -> list[str]:
@@ -258,7 +339,7 @@ def train_run(study: Study, run: Run, data: Any, options: Options,
     initial: Tensor | None = None
     best_score, best_state, best_step = -math.inf, None, -1
     last = study.steps - 1
-    gradnorm = run.method in ("gradnorm", "gradnorm-log")
+    spec = METHOD_SPECS.get(run.method)
     ones = torch.ones(len(tasks))
     started = time.perf_counter()
     step = -1
@@ -282,20 +363,26 @@ def train_run(study: Study, run: Run, data: Any, options: Options,
                 grad_norms = per_task_norms(losses, shared)
             losses[0].backward()
         else:
-            weights = bal.weights
-            if logging and not gradnorm:
-                # ||grad_W (w_i L_i)|| for the other methods too, so the columns compare.
-                grad_norms = per_task_norms(losses, shared) * weights.to(values)
-            if run.method == "dtp":
-                bal.backward(losses, kpis=study.kpis(values, initial, preds, batch))
-                weights = bal.stats["weight"]
-            elif gradnorm:
-                bal.backward(losses, shared=shared)
+            assert spec is not None
+            norms = None
+            if logging and not spec.reports_grad_norms:
+                # ||grad_W L_i||, times the w_i of the step below: ||grad_W (w_i L_i)|| for
+                # every method, so the columns compare.
+                norms = per_task_norms(losses, shared)
+            kwargs: dict[str, Any] = {}
+            if spec.shared:
+                kwargs["shared"] = shared
+            if spec.kpis:
+                kwargs["kpis"] = study.kpis(values, initial, preds, batch)
+            bal.backward(losses, **kwargs)
+            weights = bal.stats.get("weight", bal.weights)
+            if spec.reports_grad_norms:
                 grad_norms = bal.stats["grad_norm"]
-            else:
-                bal.backward(losses)
-                weights = bal.stats["weight"]
+            elif norms is not None:
+                grad_norms = norms * weights.to(values)
         opt.step()
+        if spec is not None and spec.after_step is not None:
+            spec.after_step(bal, StepContext(study, model, batch, tasks, step))
         if on_step is not None:
             on_step()
         if not logging:

@@ -103,6 +103,8 @@ class Study(ABC):
     - ``summary``: the ranking scalar (:class:`Summary`).
     - ``steps``: optimizer steps in one run; ``log_every``/``eval_every``: steps between rows
       of metrics.csv and between evaluations (the last step always logs and evaluates).
+    - ``steps_per_epoch``: the steps of one pass over the training data, where the study has
+      epochs (DWA closes an epoch after each); None where it has none.
     - ``eval_splits``: the splits evaluated (and logged) every ``eval_every`` steps.
     - ``selection_split``: None to keep the last step's model; a split name ("val") to keep
       the model of the evaluation with the best :meth:`selection_score` on that split. The
@@ -126,6 +128,7 @@ class Study(ABC):
     default_alpha: float = 1.5
     default_alphas: tuple[float, ...] = (0.0, 0.12, 0.5, 1.0, 1.5, 2.0, 3.0)
     steps: int = 1
+    steps_per_epoch: int | None = None
     log_every: int = 10
     eval_every: int = 100
     eval_splits: tuple[str, ...] = ("test",)

@@ -136,6 +136,7 @@ class ToyStudy(Study):
         if not all(math.isfinite(s) and s > 0 for s in sigmas):
             raise ValueError(f"every sigma must be finite and > 0, got {sigmas}")
         self.tasks, self.steps, self.batch_size = tasks, steps, batch_size
+        self.steps_per_epoch = train_size // batch_size  # short batches are dropped
         self.train_size, self.test_size, self.lr = train_size, test_size, lr
         self.log_every, self.eval_every, self.data_seed = log_every, eval_every, data_seed
         self.sigmas = sigmas
