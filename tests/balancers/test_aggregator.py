@@ -1,0 +1,213 @@
+"""The aggregation plumbing (``Aggregator``) against a literal implementation written here.
+
+The literal step: per-task ``torch.autograd.grad`` at h or at the shared parameters, the
+Gram matrix of those vectors, c = rule(G), and the update applied by hand: at h, each head
+gets its own loss's gradient and the trunk the backward of sum_i c_i g_i from h; at
+parameters, the backward of sum_i c_i L_i. The model's ``.grad`` everywhere, c and G must
+agree over 20 optimizer steps. The rules here are small functions of G written for the test
+(one that is not scale-invariant, so that a gradient scaler's scale left in G would show);
+the real methods' rules are checked in tests/rules and by test_aggregation_methods.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from literal import ToyNet
+from torch import nn
+from torch.nn import functional as F
+
+import lossbalance as lb
+
+F64 = {"rtol": 1e-6, "atol": 1e-10}
+
+
+def cosine_rule(gram):
+    """c_i = (1 + mean_j cos(g_i, g_j) / 2) / ||g_i||: uses every entry of G, and d is not
+    proportional to the gradients' scale (so the scale must be divided out before it)."""
+    n = gram.diagonal().sqrt()
+    cos = gram / (n[:, None] * n[None, :])
+    return (1 + 0.5 * cos.mean(1)) / n
+
+
+def mgda2_rule(gram):
+    """MGDA's closed form for two tasks (Sener & Koltun, Algorithm 1)."""
+    g11, g12, g22 = gram[0, 0], gram[0, 1], gram[1, 1]
+    a = ((g22 - g12) / (g11 + g22 - 2 * g12)).clamp(0, 1)
+    return torch.stack([a, 1 - a])
+
+
+class RuleAggregator(lb.Aggregator):
+    def __init__(self, num_tasks, rule=cosine_rule, **kwargs):
+        super().__init__(num_tasks, **kwargs)
+        self.rule = rule
+
+    def _coefficients(self, gram, values):
+        return self.rule(gram)
+
+
+class NormTrunk(nn.Module):
+    """A trunk that is not Linear -> activation at its end (LayerNorm): the per-task VJP."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.lin = nn.Linear(8, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.lin(x))) * 2
+
+
+class TwiceHead(nn.Module):
+    """A head that reads h twice (two consumer nodes of h for one task)."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, 4), nn.Linear(width, 4)
+
+    def forward(self, h):
+        return self.a(h) + self.b(torch.sin(h))
+
+
+def make(num_tasks=3, trunk="toy", heads="linear", batch=16, seed=0):
+    torch.manual_seed(seed)
+    net = ToyNet(num_tasks)
+    if trunk == "norm":
+        net.trunk = NormTrunk()
+    if heads == "twice":
+        net.heads = nn.ModuleList(TwiceHead() for _ in range(num_tasks))
+    net = net.double()
+    x = torch.randn(batch, 8, dtype=torch.float64)
+    ys = [torch.randn(batch, 4, dtype=torch.float64) * (1.0, 10.0, 100.0)[i % 3]
+          for i in range(num_tasks)]
+    return net, x, ys
+
+
+def shared_params(net, where):
+    if where == "trunk":
+        return list(net.trunk.parameters())
+    return {"W": [net.trunk[2].weight], "Wb": list(net.trunk[2].parameters())}[where]
+
+
+def literal_step(net, x, ys, where, rule, order=None):
+    """One step of the literal aggregation; ``where``: "h" (at h, no shared), "tap-W"/"tap-Wb"/
+    "tap-trunk" (c from the Gram matrix at those, replacement at h), "W"/"trunk" (at the
+    parameters, backward of sum c_i L_i), "general-h" (at h without tap: backward of
+    sum c_i L_i). Returns c and G."""
+    T = len(ys)
+    order = list(range(T)) if order is None else order
+    h = net.trunk(x)
+    losses = [F.mse_loss(net.heads[i](h), ys[i]) for i in order]
+    at = [h] if where in ("h", "general-h") else shared_params(net, where.removeprefix("tap-"))
+    vectors = torch.stack([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, at, retain_graph=True)])
+        for loss in losses])
+    gram = vectors @ vectors.T
+    c = rule(gram)
+    if where in ("W", "Wb", "trunk", "general-h"):
+        (torch.stack(losses) @ c).backward()
+        return c, gram
+    g_h = [torch.autograd.grad(loss, h, retain_graph=True)[0] for loss in losses]
+    for k, i in enumerate(order):
+        head = list(net.heads[i].parameters())
+        for p, g in zip(head, torch.autograd.grad(losses[k], head, retain_graph=True),
+                        strict=True):
+            p.grad = g if p.grad is None else p.grad + g
+    h.backward(sum(ci * g for ci, g in zip(c, g_h, strict=True)))
+    return c, gram
+
+
+def balancer_step(bal, net, x, ys, where, order=None, way="backward"):
+    T = len(ys)
+    order = list(range(T)) if order is None else order
+    h = net.trunk(x)
+    tapped = where in ("h",) or where.startswith("tap-")
+    feats = bal.tap(h) if tapped else (h,) * T
+    losses = [F.mse_loss(net.heads[i](feats[k]), ys[i]) for k, i in enumerate(order)]
+    if where == "h":
+        shared = None
+    elif where == "general-h":
+        shared = h
+    else:
+        shared = shared_params(net, where.removeprefix("tap-"))
+    if way == "backward":
+        return bal.backward(losses, shared)
+    total = bal.loss(losses, shared)
+    total.backward()
+    return total.detach()
+
+
+def run_both(where, rule=cosine_rule, steps=20, num_tasks=3, optimizer=torch.optim.Adam,
+             **problem):
+    net, x, ys = make(num_tasks, **problem)
+    net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
+    opt_a = optimizer(net_a.parameters(), lr=1e-3)
+    opt_b = optimizer(net_b.parameters(), lr=1e-3)
+    bal = RuleAggregator(num_tasks, rule).double()
+    for _ in range(steps):
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        balancer_step(bal, net_a, x, ys, where)
+        c, gram = literal_step(net_b, x, ys, where, rule)
+        torch.testing.assert_close(bal.weights, c, **F64)
+        torch.testing.assert_close(bal.stats["gram"], gram, **F64)
+        for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, **F64)
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, **F64)
+    assert int(bal.num_steps) == steps
+    return bal
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "tap-Wb", "tap-trunk", "W", "trunk",
+                                   "general-h"])
+def test_matches_literal_aggregation(where):
+    run_both(where)
+
+
+@pytest.mark.parametrize("where", ["tap-W", "tap-Wb"])
+def test_matches_literal_when_the_layer_is_wider_than_the_batch(where):
+    # batch 8 < 16 inputs: <dW_i, dW_j> from K = x x^T and delta_i, dW_i never formed
+    run_both(where, batch=8, optimizer=torch.optim.SGD)
+
+
+@pytest.mark.parametrize("where", ["h", "tap-trunk", "trunk"])
+def test_a_trunk_that_is_not_one_linear(where):
+    run_both(where, trunk="norm", steps=10)
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W"])
+def test_heads_reading_h_twice(where):
+    run_both(where, heads="twice", steps=10)
+
+
+@pytest.mark.parametrize("where", ["h", "W"])
+def test_two_tasks_with_mgda_closed_form(where):
+    bal = run_both(where, rule=mgda2_rule, num_tasks=2)
+    assert torch.isclose(bal.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "W"])
+def test_ten_tasks(where):
+    run_both(where, num_tasks=10, steps=5)
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "W"])
+def test_permuting_tasks_permutes_c(where):
+    net, x, ys = make(4)
+    order = [2, 0, 3, 1]
+    nets = [copy.deepcopy(net), copy.deepcopy(net)]
+    bals = [RuleAggregator(4).double(), RuleAggregator(4).double()]
+    for _ in range(3):
+        for k, o in enumerate((None, order)):
+            nets[k].zero_grad()
+            balancer_step(bals[k], nets[k], x, ys, where, order=o)
+        torch.testing.assert_close(bals[1].weights, bals[0].weights[order], **F64)
+        torch.testing.assert_close(bals[1].stats["gram"],
+                                   bals[0].stats["gram"][order][:, order], **F64)
+        for pa, pb in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, **F64)
