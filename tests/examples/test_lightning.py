@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_difference, run_example
+from example_runs import max_difference, run_example
 
 pytest.importorskip("lightning.pytorch",
                     reason="PyTorch Lightning is not installed (pip install -e '.[lightning]')")
