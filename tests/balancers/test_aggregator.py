@@ -91,6 +91,15 @@ def shared_params(net, where):
     return {"W": [net.trunk[2].weight], "Wb": list(net.trunk[2].parameters())}[where]
 
 
+def shared_for(net, where, h):
+    """What the balancer is given as ``shared`` for each ``where``."""
+    if where == "h":
+        return None
+    if where == "general-h":
+        return h
+    return shared_params(net, where.removeprefix("tap-"))
+
+
 def literal_step(net, x, ys, where, rule, order=None):
     """One step of the literal aggregation; ``where``: "h" (at h, no shared), "tap-W"/"tap-Wb"/
     "tap-trunk" (c from the Gram matrix at those, replacement at h), "W"/"trunk" (at the
@@ -126,12 +135,7 @@ def balancer_step(bal, net, x, ys, where, order=None, way="backward"):
     tapped = where in ("h",) or where.startswith("tap-")
     feats = bal.tap(h) if tapped else (h,) * T
     losses = [F.mse_loss(net.heads[i](feats[k]), ys[i]) for k, i in enumerate(order)]
-    if where == "h":
-        shared = None
-    elif where == "general-h":
-        shared = h
-    else:
-        shared = shared_params(net, where.removeprefix("tap-"))
+    shared = shared_for(net, where, h)
     if way == "backward":
         return bal.backward(losses, shared)
     total = bal.loss(losses, shared)
@@ -211,3 +215,183 @@ def test_permuting_tasks_permutes_c(where):
                                    bals[0].stats["gram"][order][:, order], **F64)
         for pa, pb in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
             torch.testing.assert_close(pa.grad, pb.grad, **F64)
+
+
+def run_way(way, where, steps=4, accumulation=1, scaler=None, rule=cosine_rule):
+    """``steps`` optimizer steps of ``accumulation`` micro-batches through ``bal.backward``
+    or ``bal.loss(...).backward()`` (scaled when ``scaler``); per step the weights, stats,
+    totals and every gradient."""
+    net, x, ys = make(3)
+    bal = RuleAggregator(3, rule, accumulation_steps=accumulation).double()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    trace = []
+    for _ in range(steps):
+        opt.zero_grad()
+        totals = []
+        for m in range(accumulation):
+            rows = slice(m * len(x) // accumulation, (m + 1) * len(x) // accumulation)
+            h = net.trunk(x[rows])
+            tapped = where == "h" or where.startswith("tap-")
+            feats = bal.tap(h) if tapped else (h,) * 3
+            losses = [F.mse_loss(net.heads[i](feats[i]), ys[i][rows]) for i in range(3)]
+            shared = shared_for(net, where, h)
+            if way == "backward":
+                totals.append(bal.backward(losses, shared, grad_scaler=scaler))
+            else:
+                total = bal.loss(losses, shared)
+                (total if scaler is None else scaler.scale(total)).backward()
+                totals.append(total.detach())
+        grads = [p.grad.clone() for p in net.parameters()]
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        trace.append((bal.weights, dict(bal.stats), totals, grads, bal.last_step_skipped))
+    return trace, bal, net
+
+
+def assert_same_state(a, b):
+    """Two state dicts (nested: the extra state) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key])
+    else:
+        assert a == b
+
+
+def assert_same(a, b):
+    for (wa, sa, ta, ga, ka), (wb, sb, tb, gb, kb) in zip(a, b, strict=True):
+        assert torch.equal(wa, wb)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+        for u, v in zip(ta + ga, tb + gb, strict=True):
+            assert torch.equal(u, v)
+        assert ka == kb
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "W", "general-h"])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_loss_matches_backward_bit_for_bit(where, scaled, accumulation):
+    out = []
+    for way in ("backward", "loss"):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+        trace, bal, _ = run_way(way, where, accumulation=accumulation, scaler=scaler)
+        out.append((trace, bal))
+    assert_same(out[0][0], out[1][0])
+    assert int(out[0][1].num_steps) == int(out[1][1].num_steps) > 0
+    assert_same_state(out[0][1].state_dict(), out[1][1].state_dict())
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "W"])
+def test_the_scalers_scale_is_divided_out(where):
+    # the test rule is not scale-invariant: c with a scaler (2^10) equals c without
+    plain, _, net_a = run_way("backward", where)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled, _, net_b = run_way("backward", where, scaler=scaler)
+    for (wa, sa, *_), (wb, sb, *_) in zip(plain, scaled, strict=True):
+        torch.testing.assert_close(wa, wb, rtol=1e-12, atol=0)
+        torch.testing.assert_close(sa["gram"], sb["gram"], rtol=1e-12, atol=0)
+    for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "W"])
+def test_a_total_never_backpropagated_changes_nothing(where):
+    net, x, ys = make(3)
+    bal = RuleAggregator(3).double()
+    before = copy.deepcopy(bal.state_dict())
+    h = net.trunk(x)
+    feats = bal.tap(h) if where != "W" else (h,) * 3
+    losses = [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(3)]
+    bal.loss(losses, None if where == "h" else shared_params(net, where.removeprefix("tap-")))
+    assert_same_state(before, bal.state_dict())
+    assert bal.stats == {}
+    # the next step is an ordinary one
+    net_b = copy.deepcopy(net)
+    balancer_step(bal, net, x, ys, where)
+    c, _ = literal_step(net_b, x, ys, where, cosine_rule)
+    torch.testing.assert_close(bal.weights, c, **F64)
+
+
+def nan_grad_losses(net, feats, ys, bad=1):
+    """Finite losses; task ``bad``'s gradient is NaN (sqrt at 0 times a zero)."""
+    losses = []
+    for i in range(len(ys)):
+        out = net.heads[i](feats[i])
+        loss = F.mse_loss(out, ys[i])
+        losses.append(loss + torch.sqrt((out * 0).sum()) if i == bad else loss)
+    return losses
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "W"])
+def test_nonfinite_gradient_raises_naming_the_task(where):
+    net, x, ys = make(3)
+    bal = RuleAggregator(3, task_names=["a", "b", "c"]).double()
+    before = copy.deepcopy(bal.state_dict())
+    h = net.trunk(x)
+    feats = bal.tap(h) if where != "W" else (h,) * 3
+    shared = None if where == "h" else shared_params(net, where.removeprefix("tap-"))
+    with pytest.raises(ValueError, match=r"task 1 \('b'\).*non-finite"):
+        bal.backward(nan_grad_losses(net, feats, ys), shared)
+    assert_same_state(before, bal.state_dict())
+    if where == "W":  # known before the backward: .grad untouched
+        assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W", "W"])
+def test_nonfinite_gradient_skips_with_skip(where):
+    net, x, ys = make(3)
+    bal = RuleAggregator(3, on_nonfinite="skip").double()
+    balancer_step(bal, net, x, ys, where)
+    before = copy.deepcopy(bal.state_dict())
+    net.zero_grad()
+    h = net.trunk(x)
+    feats = bal.tap(h) if where != "W" else (h,) * 3
+    shared = None if where == "h" else shared_params(net, where.removeprefix("tap-"))
+    bal.backward(nan_grad_losses(net, feats, ys), shared)
+    assert bal.last_step_skipped
+    assert_same_state(before, bal.state_dict())
+    if where == "W":
+        assert all(p.grad is None for p in net.parameters())
+    balancer_step(bal, net, x, ys, where)
+    assert not bal.last_step_skipped and int(bal.num_steps) == 2
+
+
+def test_bad_input_is_refused_before_anything_changes():
+    net, x, ys = make(3)
+    bal = RuleAggregator(3).double()
+    before = copy.deepcopy(bal.state_dict())
+
+    def losses(feats):
+        return [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(3)]
+
+    h = net.trunk(x)
+    with pytest.raises(ValueError, match="expected 3 losses"):
+        bal.backward(losses((h,) * 3)[:2], net.trunk)
+    with pytest.raises(ValueError, match=r"bal\.tap"):
+        bal.backward(losses((h,) * 3))
+    with pytest.raises(ValueError, match="mixes parameters"):
+        bal.backward(losses((h,) * 3), [h, net.trunk[2].weight])
+    with pytest.raises(ValueError, match="task 2 does not reach the tapped"):
+        feats = bal.tap(h)
+        bal.backward(losses((feats[0], feats[1], net.trunk(x))))  # another forward's h
+    with pytest.raises(ValueError, match="task 0 does not reach any"):
+        bal.backward([ys[0].sum().requires_grad_(), *losses((h,) * 3)[1:]], net.trunk[2])
+    with pytest.raises(ValueError, match="does not require grad"):
+        bal.tap(h.detach())
+    with pytest.raises(TypeError, match="unexpected"):
+        bal.backward(losses((h,) * 3), net.trunk, kpis=[0.5] * 3)
+    assert_same_state(before, bal.state_dict())
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        RuleAggregator(3, accumulation_steps=0)
+    with pytest.raises(TypeError, match="distributed must be"):
+        RuleAggregator(3, distributed="yes")
+    with pytest.raises(ValueError, match="general_path"):
+        RuleAggregator(3, general_path="fast")
