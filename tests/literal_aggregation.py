@@ -10,10 +10,11 @@ Everything is float64 numpy/torch, plain loops, no speed concerns.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
-from scipy.optimize import nnls
+from scipy.optimize import minimize, nnls
 
 # ---------------------------------------------------------------- random Jacobians for the tests
 
@@ -122,3 +123,115 @@ def upgrad(J: torch.Tensor) -> torch.Tensor:
 
 def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm()
+
+
+# ---------------------------------------------------------------- PCGrad (Yu et al. 2020)
+
+
+def pcgrad(J: torch.Tensor, orders) -> torch.Tensor:
+    """Yu et al., Algorithm 1 on the vectors: each g_i is projected, in orders[i] (skipping i),
+    onto the normal plane of every g_j it conflicts with; the projected gradients are summed."""
+    out = torch.zeros(J.shape[1], dtype=J.dtype)
+    for i in range(J.shape[0]):
+        g = J[i].clone()
+        for j in orders[i].tolist():
+            if j == i:
+                continue
+            inner = g @ J[j]
+            if inner < 0:
+                g = g - inner / (J[j] @ J[j]) * J[j]
+        out += g
+    return out
+
+
+# ---------------------------------------------------------------- IMTL-G (Liu et al. 2021)
+
+
+def imtl_g(J: torch.Tensor) -> torch.Tensor:
+    """Liu et al. (ICLR 2021), IMTL-G's closed form on the vectors: u_t = g_t / ||g_t||,
+    D = [g_1 - g_t]_{t>=2}, U = [u_1 - u_t]_{t>=2}, alpha_{2:T} = g_1 U^T (D U^T)^{-1}
+    (pseudo-inverse when singular), alpha_1 = 1 - sum alpha_{2:T}; d = sum_t alpha_t g_t."""
+    u = J / J.norm(dim=1, keepdim=True)
+    D = J[0] - J[1:]
+    U = u[0] - u[1:]
+    rest = (J[0] @ U.T) @ torch.linalg.pinv(D @ U.T)
+    alpha = torch.cat([(1 - rest.sum()).reshape(1), rest])
+    return alpha @ J
+
+
+# ---------------------------------------------------------------- CAGrad (Liu et al. 2021)
+
+
+def cagrad(J: torch.Tensor, c: float = 0.5, rescale: int = 1) -> torch.Tensor:
+    """The official CAGrad step on the vectors: GG = J J^T, g_0 = mean of the g_i,
+    w = argmin_{w in simplex} w^T GG b + c ||g_0|| sqrt(w^T GG w) by scipy's SLSQP (as that
+    code, from the uniform start; here with ftol 1e-14 and the exact gradient so that it
+    converges), g_w = J^T w, d = g_0 + c ||g_0|| / ||g_w|| g_w, divided by 1 + c^2."""
+    K = J.shape[0]
+    Jn = J.numpy()
+    GG = Jn @ Jn.T
+    b = np.full(K, 1.0 / K)
+    g0 = Jn.T @ b
+    sqrt_phi = c * np.linalg.norm(g0)
+
+    def obj(w):
+        return w @ GG @ b + sqrt_phi * math.sqrt(max(w @ GG @ w, 0.0))
+
+    def jac(w):
+        n = math.sqrt(max(w @ GG @ w, 1e-300))
+        return GG @ b + sqrt_phi * (GG @ w) / n
+
+    res = minimize(obj, b.copy(), jac=jac, bounds=[(0, 1)] * K, method="SLSQP",
+                   constraints=[{"type": "eq", "fun": lambda w: 1 - w.sum(),
+                                 "jac": lambda w: -np.ones(K)}],
+                   options={"ftol": 1e-14, "maxiter": 1000})
+    gw = Jn.T @ res.x
+    d = g0 + sqrt_phi / np.linalg.norm(gw) * gw
+    return torch.from_numpy(d / {0: 1.0, 1: 1 + c**2, 2: 1 + c}[rescale])
+
+
+# ---------------------------------------------------------------- Aligned-MTL (Senushkin 2023)
+
+
+def aligned_mtl(J: torch.Tensor) -> torch.Tensor:
+    """Senushkin et al., Algorithm 1 via the SVD of the gradient matrix G = J^T = U S V^T:
+    the aligned gradients are G_hat = sigma_min U V^T (singular values at or below
+    sqrt(T eps_float32) sigma_max dropped, as the official rank cut on sigma^2), and the
+    update is G_hat 1 (the official code sums them)."""
+    U, S, Vh = torch.linalg.svd(J.T, full_matrices=False)
+    keep = (S[0] ** 2) * J.shape[0] * torch.finfo(torch.float32).eps < S**2
+    U, S, Vh = U[:, keep], S[keep], Vh[keep]
+    return (S.min() * U @ Vh).sum(dim=1)
+
+
+# ---------------------------------------------------------------- Nash-MTL (Navon et al. 2022)
+
+
+def nash_mtl(J: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Navon et al.'s sequence of convex problems as the official code poses them, on
+    GTG = J J^T normalised by its Frobenius norm n: from alpha_p, minimise
+        sum(GTG alpha) + phi'(alpha_p) . (alpha - alpha_p) / n,
+        phi'(alpha_p) = 1/alpha_p + GTG^T (1 / (GTG alpha_p)),
+    subject to -log(n alpha_i) - log((GTG alpha)_i) <= 0 (the same set as
+    alpha_i (J J^T alpha)_i >= 1, written so here), until alpha stops moving. The official code
+    solves each problem with cvxpy/ECOS; here SLSQP (ftol 1e-15), in the variables
+    beta_i = ||g_i|| alpha_i so that it converges when the gradients' norms spread."""
+    G = (J @ J.T).numpy()
+    n = np.linalg.norm(G)
+    Gp = G / n
+    norms = np.sqrt(np.diag(G))
+    alpha = 1 / norms
+    for _ in range(iters):
+        prev = alpha.copy()
+        dphi = 1 / prev + (1 / (Gp @ prev)) @ Gp
+        cost = (Gp.sum(axis=0) + dphi / n) / norms  # linear cost in beta
+        Gb = G / norms[:, None] / norms[None, :]    # constraints in beta: beta_i (Gb beta)_i >= 1
+        res = minimize(lambda beta, cost=cost: cost @ beta, prev * norms,
+                       jac=lambda beta, cost=cost: cost, bounds=[(0, None)] * len(G),
+                       method="SLSQP", options={"ftol": 1e-15, "maxiter": 500},
+                       constraints=[{"type": "ineq", "fun": lambda beta, Gb=Gb: beta * (Gb @ beta) - 1,
+                                     "jac": lambda beta, Gb=Gb: np.diag(Gb @ beta) + beta[:, None] * Gb}])
+        alpha = res.x / norms
+        if np.linalg.norm(alpha - prev) <= 1e-12 * np.linalg.norm(alpha):
+            break
+    return torch.from_numpy(alpha) @ J

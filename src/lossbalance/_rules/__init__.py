@@ -6,7 +6,20 @@ state, no autograd; the balancers in ``lossbalance.balancers`` measure G and app
 MGDA, UPGrad and CAGrad need the ``solvers`` extra (``pip install "lossbalance[solvers]"``).
 """
 
+from .aligned_mtl import aligned_mtl_weights
+from .cagrad import cagrad_weights
+from .imtl_g import imtl_g_weights
 from .mgda import mgda_weights
+from .nash_mtl import nash_mtl_weights
+from .pcgrad import pcgrad_weights
 from .upgrad import upgrad_weights
 
-__all__ = ["mgda_weights", "upgrad_weights"]
+__all__ = [
+    "aligned_mtl_weights",
+    "cagrad_weights",
+    "imtl_g_weights",
+    "mgda_weights",
+    "nash_mtl_weights",
+    "pcgrad_weights",
+    "upgrad_weights",
+]
