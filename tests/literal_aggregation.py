@@ -226,11 +226,12 @@ def nash_mtl(J: torch.Tensor, iters: int = 100) -> torch.Tensor:
         dphi = 1 / prev + (1 / (Gp @ prev)) @ Gp
         cost = (Gp.sum(axis=0) + dphi / n) / norms  # linear cost in beta
         Gb = G / norms[:, None] / norms[None, :]    # constraints in beta: beta_i (Gb beta)_i >= 1
+        constraint = {"type": "ineq", "fun": lambda beta, Gb=Gb: beta * (Gb @ beta) - 1,
+                      "jac": lambda beta, Gb=Gb: np.diag(Gb @ beta) + beta[:, None] * Gb}
         res = minimize(lambda beta, cost=cost: cost @ beta, prev * norms,
                        jac=lambda beta, cost=cost: cost, bounds=[(0, None)] * len(G),
                        method="SLSQP", options={"ftol": 1e-15, "maxiter": 500},
-                       constraints=[{"type": "ineq", "fun": lambda beta, Gb=Gb: beta * (Gb @ beta) - 1,
-                                     "jac": lambda beta, Gb=Gb: np.diag(Gb @ beta) + beta[:, None] * Gb}])
+                       constraints=[constraint])
         alpha = res.x / norms
         if np.linalg.norm(alpha - prev) <= 1e-12 * np.linalg.norm(alpha):
             break

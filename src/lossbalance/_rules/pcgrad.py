@@ -36,7 +36,9 @@ def pcgrad_coefficients(gram: Tensor, orders: Sequence[Tensor]) -> Tensor:
     for i in range(T):
         order = [int(j) for j in orders[i]]
         if sorted(order) != list(range(T)):
-            raise ValueError(f"PCGrad: orders[{i}] must be a permutation of 0..{T - 1}, got {order}")
+            raise ValueError(
+                f"PCGrad: orders[{i}] must be a permutation of 0..{T - 1}, got {order}"
+            )
         w = torch.zeros(T, dtype=torch.float64)
         w[i] = 1.0
         for j in order:
