@@ -395,3 +395,91 @@ def test_bad_input_is_refused_before_anything_changes():
         RuleAggregator(3, distributed="yes")
     with pytest.raises(ValueError, match="general_path"):
         RuleAggregator(3, general_path="fast")
+
+
+def literal_window_at_parameters(net, x, ys, where, rule, w, k):
+    """One window of k micro-batches at the shared parameters, as the docs state it: the
+    micro-batches backpropagate (1/k) sum_i w_i L_i; at the end the shared parameters hold
+    sum_i c_i v_i, v_i the gradient of the window's mean loss i, c = rule(Gram of v)."""
+    shared = shared_params(net, where)
+    v = 0
+    for m in range(k):
+        rows = slice(m * len(x) // k, (m + 1) * len(x) // k)
+        h = net.trunk(x[rows])
+        losses = [F.mse_loss(net.heads[i](h), ys[i][rows]) for i in range(len(ys))]
+        v = v + torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            loss, shared, retain_graph=True)]) for loss in losses]) / k
+        (torch.stack(losses) @ w / k).backward()
+    c = rule(v @ v.T)
+    update = c @ v
+    start = 0
+    for p in shared:
+        p.grad = update[start:start + p.numel()].view_as(p).clone()
+        start += p.numel()
+    return c
+
+
+def literal_micro_batches_at_h(net, x, ys, rule, k):
+    """A window at h: each micro-batch m takes c_m from its own (unscaled) Gram matrix at h
+    and hands (1/k) sum_i c_m,i g_i,m into the trunk; the heads get (1/k) their own."""
+    cs = []
+    for m in range(k):
+        rows = slice(m * len(x) // k, (m + 1) * len(x) // k)
+        h = net.trunk(x[rows])
+        losses = [F.mse_loss(net.heads[i](h), ys[i][rows]) for i in range(len(ys))]
+        g = torch.stack([torch.autograd.grad(loss, h, retain_graph=True)[0] for loss in losses])
+        c = rule(g.flatten(1) @ g.flatten(1).T)
+        for i, head in enumerate(net.heads):
+            params = list(head.parameters())
+            for p, gp in zip(params, torch.autograd.grad(losses[i] / k, params,
+                                                         retain_graph=True), strict=True):
+                p.grad = gp if p.grad is None else p.grad + gp
+        h.backward(torch.einsum("i,i...->...", c, g) / k)
+        cs.append(c)
+    return cs
+
+
+@pytest.mark.parametrize("where", ["W", "trunk", "h"])
+def test_accumulation_window_matches_literal(where):
+    k = 2
+    net, x, ys = make(3)
+    net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
+    opt_a = torch.optim.Adam(net_a.parameters(), lr=1e-3)
+    opt_b = torch.optim.Adam(net_b.parameters(), lr=1e-3)
+    bal = RuleAggregator(3, accumulation_steps=k).double()
+    w = torch.ones(3, dtype=torch.float64)
+    for _ in range(5):
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        for m in range(k):
+            rows = slice(m * len(x) // k, (m + 1) * len(x) // k)
+            balancer_step(bal, net_a, x[rows], [y[rows] for y in ys], where)
+            if where == "h":  # c of each micro-batch
+                assert int(bal.num_steps) % k == (m + 1) % k
+        if where == "h":
+            c = literal_micro_batches_at_h(net_b, x, ys, cosine_rule, k)[-1]
+        else:
+            c = literal_window_at_parameters(net_b, x, ys, where, cosine_rule, w, k)
+            # exact: the window's c is that of one step on the whole batch
+            whole = copy.deepcopy(net_a)
+            whole.zero_grad()
+            c_whole, _ = literal_step(whole, x, ys, where, cosine_rule)
+            torch.testing.assert_close(c, c_whole, **F64)
+            w = c
+        torch.testing.assert_close(bal.weights, c, **F64)
+        for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, **F64)
+        opt_a.step()
+        opt_b.step()
+
+
+def test_a_window_at_parameters_cannot_move_to_h():
+    net, x, ys = make(3)
+    bal = RuleAggregator(3, accumulation_steps=2).double()
+    balancer_step(bal, net, x, ys, "W")
+    with pytest.raises(ValueError, match="window at parameters is in progress"):
+        balancer_step(bal, net, x, ys, "h")
+    with pytest.raises(ValueError, match="shared tensors changed"):
+        balancer_step(bal, net, x, ys, "trunk")
+    balancer_step(bal, net, x, ys, "W")  # the window's end
+    assert int(bal.num_steps) == 1
