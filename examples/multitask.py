@@ -67,8 +67,11 @@ def task_losses(outs: list[Tensor], y: Tensor) -> list[Tensor]:
 
 
 def log_values(bal: lb.GradNorm) -> dict[str, Tensor]:
-    """The weights w_i and the gradient norms G_i of the last step, one scalar each."""
+    """The weights w_i and the gradient norms G_i of the last step, one scalar each (none
+    before the first step, e.g. inside the first accumulation window)."""
     stats = bal.stats
+    if not stats:
+        return {}
     return {**{f"w_{i}": w for i, w in enumerate(stats["weight"])},
             **{f"G_{i}": g for i, g in enumerate(stats["grad_norm"])}}
 
