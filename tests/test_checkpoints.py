@@ -35,7 +35,16 @@ MAKERS = {
     "gls": lambda: lb.GLS(T),
     "famo": lambda: lb.FAMO(T),  # the logits' Adam state and the pending losses travel
     "imtl-l": lambda: lb.IMTLL(T),
+    "mgda": lambda: lb.MGDA(T),  # tap + W: c from the Gram matrix at W, replaced at h
+    "upgrad": lambda: lb.UPGrad(T),
+    # no tap: an exact window at W, saved mid-window with its per-task gradients
+    "mgda-window": lambda: _without_tap(lb.MGDA(T, accumulation_steps=2)),
 }
+
+
+def _without_tap(bal):
+    bal.tap = lambda h: (h,) * T  # the heads read h itself: the general path at shared
+    return bal
 
 
 def step(bal, net, x, ys, k):
