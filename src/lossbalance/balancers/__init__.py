@@ -1,14 +1,19 @@
 """One balancer a module; see each module's docstring for the paper and formulas."""
 
 from .aggregator import Aggregator
+from .aligned_mtl import AlignedMTL
 from .base import Balancer
+from .cagrad import CAGrad
 from .dtp import DynamicTaskPrioritization
 from .dwa import DWA
 from .famo import FAMO
 from .gls import GLS
 from .gradnorm import GradNorm
+from .imtl_g import IMTLG
 from .imtl_l import IMTLL
 from .mgda import MGDA
+from .nash_mtl import NashMTL
+from .pcgrad import PCGrad
 from .rlw import RLW
 from .static import EqualWeighting, StaticWeighting
 from .uncertainty import UncertaintyWeighting
@@ -18,14 +23,19 @@ __all__ = [
     "DWA",
     "FAMO",
     "GLS",
+    "IMTLG",
     "IMTLL",
     "MGDA",
     "RLW",
     "Aggregator",
+    "AlignedMTL",
     "Balancer",
+    "CAGrad",
     "DynamicTaskPrioritization",
     "EqualWeighting",
     "GradNorm",
+    "NashMTL",
+    "PCGrad",
     "StaticWeighting",
     "UPGrad",
     "UncertaintyWeighting",
