@@ -37,6 +37,8 @@ MAKERS = {
     "imtl-l": lambda: lb.IMTLL(T),
     "mgda": lambda: lb.MGDA(T),  # tap + W: c from the Gram matrix at W, replaced at h
     "upgrad": lambda: lb.UPGrad(T),
+    "pcgrad": lambda: lb.PCGrad(T, seed=1),  # the generator's state travels
+    "nash-mtl": lambda: lb.NashMTL(T),  # the warm start travels
     # no tap: an exact window at W, saved mid-window with its per-task gradients
     "mgda-window": lambda: _without_tap(lb.MGDA(T, accumulation_steps=2)),
 }
