@@ -100,10 +100,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save({"weights": module.bal.weights, "model": module.net.state_dict()},
                    args.out / f"rank{trainer.global_rank}.pt")
-    if trainer.is_global_zero:
-        metrics = trainer.callback_metrics
-        print("weights", [round(float(metrics[f"w_{i}"]), 6) for i in range(T)])
-        print("G_i    ", [round(float(metrics[f"G_{i}"]), 6) for i in range(T)])
+    if trainer.is_global_zero:  # the final weights; G_i of the last step (also logged)
+        print("weights", [round(w, 6) for w in module.bal.weights.tolist()])
+        print("G_i    ", [round(float(trainer.callback_metrics[f"G_{i}"]), 6) for i in range(T)])
 
 
 if __name__ == "__main__":
