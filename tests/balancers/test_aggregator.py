@@ -483,3 +483,45 @@ def test_a_window_at_parameters_cannot_move_to_h():
         balancer_step(bal, net, x, ys, "trunk")
     balancer_step(bal, net, x, ys, "W")  # the window's end
     assert int(bal.num_steps) == 1
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W"])
+def test_an_overflow_under_a_scaler_skips_the_step(where):
+    # scale 2^100: the scaled gradients are finite (float32) but their Gram matrix is not;
+    # the trunk gets NaN, so the scaler skips the optimizer step and lowers the scale
+    net, x, ys = make(3)
+    net, x, ys = net.float(), x.float(), [y.float() for y in ys]
+    bal = RuleAggregator(3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in net.parameters()]
+    h = net.trunk(x)
+    feats = bal.tap(h)
+    losses = [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(3)]
+    bal.backward(losses, shared_for(net, where, h), grad_scaler=scaler)
+    assert bal.last_step_skipped and int(bal.num_steps) == 0
+    assert torch.isnan(net.trunk[0].weight.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in net.heads.parameters())  # only G overflowed
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**100
+    for p, q in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_float32_matches_literal():
+    net, x, ys = make(3)
+    net = net.float()
+    x, ys = x.float(), [y.float() for y in ys]
+    net_b = copy.deepcopy(net)
+    bal = RuleAggregator(3)
+    for where in ("h", "tap-W", "W"):
+        net.zero_grad()
+        net_b.zero_grad()
+        balancer_step(bal, net, x, ys, where)
+        c, gram = literal_step(net_b, x, ys, where, cosine_rule)
+        assert bal.weights.dtype == bal.stats["gram"].dtype == torch.float32
+        torch.testing.assert_close(bal.weights, c, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(bal.stats["gram"], gram, rtol=1e-5, atol=1e-5)
+        for pa, pb in zip(net.parameters(), net_b.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6)

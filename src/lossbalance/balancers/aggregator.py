@@ -146,9 +146,11 @@ class Aggregator(Balancer):
             non-finite one raises, or skips the step, with ``.grad`` untouched. At h they
             are known only inside the backward: "raise" raises from it (the heads'
             ``.grad`` then hold this step's gradients: zero them), "skip" lets the summed
-            gradient go on unchanged (non-finite: a gradient scaler then skips the
-            optimizer step) and leaves the coefficients as they were. Under a gradient
-            scaler a non-finite gradient always skips (``last_step_skipped``).
+            gradient go on unchanged and leaves the coefficients as they were. Under a
+            gradient scaler (a scale other than 1 arriving at the total) a non-finite
+            gradient or G always skips (``last_step_skipped``); at h the trunk then gets
+            NaN, so that the scaler skips the optimizer step and lowers the scale even
+            where only G overflowed.
         distributed: for data-parallel training (DDP): None (default) synchronises when
             torch.distributed is initialised with more than one process, True (the default
             group) or a process group always, False never. Synchronised, every process
@@ -376,9 +378,12 @@ class Aggregator(Balancer):
         norms = gram.diagonal().clamp(min=0).sqrt()
         bad = _checks.first_nonfinite(gram.diagonal())
         if bad is not None:
-            self._nonfinite(bad, gram.diagonal(), before_backward=False,
-                            scaled=bool(pending.scale != 1))
-            return None  # the summed gradient goes on (a scaler sees it and skips)
+            scaled = bool(pending.scale != 1)
+            self._nonfinite(bad, gram.diagonal(), before_backward=False, scaled=scaled)
+            if scaled:  # the scaled gradients overflowed (or only G did): the scaler must
+                # see it, skip the optimizer step and lower the scale
+                return torch.full_like(site.h, float("nan"))  # type: ignore[arg-type]
+            return None  # "skip": the summed gradient goes on
         c, commit = self._prepare(gram, pending.values)
         flat = grads.view(grads.shape[0], -1)
         direction = torch.matmul(_like(c.detach(), flat), flat).view_as(site.h)  # type: ignore
