@@ -73,3 +73,23 @@ def dual_cone_weights(L: Tensor, u: Tensor, rule: str = "UPGrad") -> Tensor:
     if L.shape[1] == 0:
         return u.clone()
     return u + nnls(L.T.contiguous(), -(L.T @ u), rule)
+
+
+def project_polyhedron(L: Tensor, x0: Tensor, h: Tensor, rule: str) -> Tensor | None:
+    """mu >= 0 with x0 + L^T mu = the projection of x0 onto {x : L x >= h} (None when empty).
+
+    Least-distance programming (Lawson & Hanson 1974, ch. 23): with e = x - x0 the problem is
+    min ||e|| s.t. L e >= h - L x0 =: f; u* = argmin_{u >= 0} ||L^T u||^2 + (f^T u - 1)^2 (NNLS),
+    and when the residual is non-zero (1 - f^T u* > 0) e = L^T u* / (1 - f^T u*), so
+    mu = u* / (1 - f^T u*) (the KKT multipliers: e = L^T mu). A zero residual means the set is
+    empty.
+    """
+    f = h - L @ x0
+    A = torch.cat([L.T, f[None, :]])
+    b = torch.zeros(A.shape[0], dtype=torch.float64)
+    b[-1] = 1.0
+    u = nnls(A, b, rule)
+    slack = 1.0 - float(f @ u)
+    if slack <= 1e-12 * max(1.0, float(f.abs().max()) * float(u.sum())):
+        return None
+    return u / slack
