@@ -7,10 +7,10 @@ import importlib
 import pytest
 import torch
 
-from lossbalance._rules import _qp, mgda_weights, upgrad_weights
+from lossbalance._rules import _qp, cagrad_weights, mgda_weights, upgrad_weights
 
 
-@pytest.mark.parametrize("rule", [mgda_weights, upgrad_weights])
+@pytest.mark.parametrize("rule", [mgda_weights, upgrad_weights, cagrad_weights])
 def test_missing_solver_names_the_package_and_the_extra(rule, monkeypatch):
     real = importlib.import_module
 

@@ -37,17 +37,18 @@ def test_direction_is_the_min_norm_point_of_the_hull(seed):
 
 
 def test_frank_wolfe_of_the_paper_approaches_it():
-    """Algorithm 2's Frank-Wolfe on the vectors converges to the same point (sublinearly: its
-    distance after 2000 iterations is ~1e-3 relative on these cases; the rule is exact)."""
+    """Algorithm 2's Frank-Wolfe on the vectors converges to the same point: after 1000
+    iterations it is there to rounding where the answer is a vertex or T = 2, and 7e-5 away on
+    the conflicting T = 3 case (sublinear convergence; the rule is exact)."""
     worst = 0.0
     for name, J in jacobian_cases(3):
         if J.shape[0] > 3:
             continue
         d = mgda_weights(J @ J.T) @ J
-        err = rel_err(d, mgda_frank_wolfe(J, 2000), J)
+        err = rel_err(d, mgda_frank_wolfe(J, 1000), J)
         worst = max(worst, err)
-        assert err < 2e-2, name
-    assert worst > 0  # FW is not exact: the comparison is a real one
+        assert err < 1e-3, name
+    assert worst > 1e-6  # FW is not exact: the comparison is a real one
 
 
 def test_l2_normalisation_as_the_official_code():
