@@ -176,6 +176,41 @@ def shared_tensors(shared: object) -> list[Tensor]:
     return items
 
 
+def check_requires_grad(shared: Sequence[Tensor]) -> None:
+    """Every shared tensor must require grad (else it is outside the graph)."""
+    for k, t in enumerate(shared):
+        if not t.requires_grad:
+            raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
+
+
+def tap_graph_error(problem: tuple, task_names: tuple[str, ...] | None) -> ValueError:
+    """The error for what ``_graph.consumers_of`` found wrong with a tapped h: a loss that
+    reaches the shared tensors around h ("bypass"), a loss that does not read h
+    ("unreached"), or two tasks sharing an operation on h ("shared")."""
+    if problem[0] == "bypass":
+        _, i, k = problem
+        return ValueError(
+            f"the loss of {task_label(i, task_names)} reaches shared[{k}] "
+            "by a path that does not go through the tapped h (a skip connection "
+            "around h?), so its gradient there cannot be read at h: tap a tensor "
+            "that every path from the heads to shared goes through, or call "
+            "backward without a tap"
+        )
+    if problem[0] == "unreached":
+        return ValueError(
+            f"the loss of {task_label(problem[1], task_names)} does not "
+            "reach the tapped representation h (did its head consume bal.tap(h) of "
+            "this step?)"
+        )
+    _, i, j = problem
+    return ValueError(
+        f"{task_label(i, task_names)} and "
+        f"{task_label(j, task_names)} share an operation on the tapped h, "
+        "so their gradients at h cannot be told apart: tap the tensor their heads "
+        "branch from, or pass shared= parameters without a tap"
+    )
+
+
 def check_grad_scaler(scaler: object) -> object | None:
     """A ``torch.amp.GradScaler`` (anything with ``scale`` and ``is_enabled``) or None.
 

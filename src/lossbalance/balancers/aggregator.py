@@ -515,26 +515,7 @@ class Aggregator(Balancer):
         pattern = linear_pattern(h, shared, edges) if shared else None
         problem = capture.walk(losses, h, shared, edges, pattern, False, grads=True)
         if problem is not None:
-            who = [_checks.task_label(i, self.task_names) for i in problem[1:2]]
-            if problem[0] == "bypass":
-                raise ValueError(
-                    f"the loss of {who[0]} reaches shared[{problem[2]}] by a path that does "
-                    "not go through the tapped h (a skip connection around h?), so its "
-                    "gradient there cannot be read at h: tap a tensor that every path from "
-                    "the heads to shared goes through, or call backward without a tap"
-                )
-            if problem[0] == "unreached":
-                raise ValueError(
-                    f"the loss of {who[0]} does not reach the tapped representation h (did "
-                    "its head consume bal.tap(h) of this step?)"
-                )
-            _, i, j = problem
-            raise ValueError(
-                f"{_checks.task_label(i, self.task_names)} and "
-                f"{_checks.task_label(j, self.task_names)} share an operation on the tapped "
-                "h, so their gradients at h cannot be told apart: tap the tensor their heads "
-                "branch from, or pass shared= tensors without a tap"
-            )
+            raise _checks.tap_graph_error(problem, self.task_names)
         if shared and pattern is None:
             found = _graph.reached_edges(h, edges)
             if len(found) != len(edges):
@@ -560,9 +541,7 @@ class Aggregator(Balancer):
 
     @staticmethod
     def _shared_edges(shared: list[Tensor]) -> list:
-        for k, t in enumerate(shared):
-            if not t.requires_grad:
-                raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
+        _checks.check_requires_grad(shared)
         return _graph.edges_of(shared)
 
     # ------------------------------------------------------------------ state

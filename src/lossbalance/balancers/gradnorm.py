@@ -356,28 +356,7 @@ class GradNorm(Balancer):
         pattern = linear_pattern(tap.h, shared, edges, native)
         problem = self._capture.walk(losses, tap.h, shared, edges, pattern, vectors)
         if problem is not None:
-            if problem[0] == "bypass":
-                _, i, k = problem
-                raise ValueError(
-                    f"the loss of {_checks.task_label(i, self.task_names)} reaches shared[{k}] "
-                    "by a path that does not go through the tapped h (a skip connection "
-                    "around h?), so its gradient there cannot be read at h: tap a tensor "
-                    "that every path from the heads to shared goes through, or call "
-                    "backward without a tap"
-                )
-            if problem[0] == "unreached":
-                raise ValueError(
-                    f"the loss of {_checks.task_label(problem[1], self.task_names)} does not "
-                    "reach the tapped representation h (did its head consume bal.tap(h) of "
-                    "this step?)"
-                )
-            _, i, j = problem
-            raise ValueError(
-                f"{_checks.task_label(i, self.task_names)} and "
-                f"{_checks.task_label(j, self.task_names)} share an operation on the tapped h, "
-                "so their gradients at h cannot be told apart: tap the tensor their heads "
-                "branch from, or pass shared= parameters without a tap"
-            )
+            raise _checks.tap_graph_error(problem, self.task_names)
         if shared and pattern is None:
             self._check_shared_reached([tap.h], shared, "the tapped representation h", edges)
         return pattern
@@ -399,9 +378,7 @@ class GradNorm(Balancer):
 
     @staticmethod
     def _check_requires_grad(shared: list[Tensor]) -> None:
-        for k, t in enumerate(shared):
-            if not t.requires_grad:
-                raise ValueError(f"shared[{k}] does not require grad, so it is outside the graph")
+        _checks.check_requires_grad(shared)
 
     def _check_shared_reached(
         self, roots: list[Tensor], shared: list[Tensor], what: str, edges: list | None = None
