@@ -24,7 +24,7 @@ class Net(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(16, 4) for _ in range(T))
 
     def forward(self, x, bal, tapped):
-        h = self.trunk(x)
+        h = self.last_h = self.trunk(x)
         feats = bal.tap(h) if tapped else (h,) * T
         return [self.heads[i](feats[i]) for i in range(T)]
 
@@ -43,6 +43,7 @@ CASES = {
     "W": (False, "W", {}),
     "W-window": (False, "W", {"accumulation_steps": 2}),
     "h-window": (True, None, {"accumulation_steps": 2}),
+    "general-h": (False, "h", {}),  # no tap, shared=h: per-sample, (1/P^2) sum_p G_p
 }
 
 
@@ -57,7 +58,7 @@ def train(model, bal, x, ys, tapped, where):
         for m in range(micro):
             rows = slice(m * len(x) // micro, (m + 1) * len(x) // micro)
             outs = model(x[rows], bal, tapped)
-            shared = inner.trunk[2].weight if where == "W" else None
+            shared = {"W": inner.trunk[2].weight, "h": inner.last_h}.get(where)
             bal.backward([F.mse_loss(outs[i], ys[i][rows]) for i in range(T)], shared)
         opt.step()
         trace.append((bal.weights, bal.stats["gram"]))
@@ -98,7 +99,7 @@ def test_every_process_holds_the_same_coefficients(two_processes, name):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["h", "tap-W", "W", "W-window"])
+@pytest.mark.parametrize("name", ["h", "tap-W", "W", "W-window", "general-h"])
 def test_matches_one_process_on_the_whole_batch(two_processes, name):
     # the Gram matrix of the global per-task gradients: at h (1/P^2) sum_p G_p, at W from
     # the averaged per-task gradients (a window's: exact over micro-batches and processes,
