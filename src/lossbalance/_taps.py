@@ -173,8 +173,8 @@ def gram_of(vectors: Tensor) -> Tensor:
 
 
 def gram_at_tap(grads: Tensor, h: Tensor, shared: Sequence[Tensor],
-                pattern: LinearPattern | None, vectors: bool = False
-                ) -> tuple[Tensor, Tensor | None]:
+                pattern: LinearPattern | None, vectors: bool = False,
+                workspace: Workspace | None = None) -> tuple[Tensor, Tensor | None]:
     """The Gram matrix of the per-task gradients at ``shared`` (at h itself when empty),
     from each task's gradient at h, ``grads`` [T, *h.shape] (a ``Capture`` in "grads" mode
     kept them), in float32 or wider. Returns (G [T, T], the per-task vectors [T, P] or None).
@@ -188,7 +188,8 @@ def gram_at_tap(grads: Tensor, h: Tensor, shared: Sequence[Tensor],
     Elsewhere: one vector-Jacobian product from h to ``shared`` per task (the graph below h
     is still alive when the hook on h runs). ``vectors`` (the per-task gradients at
     ``shared`` themselves, for an average over processes) forms dW_i and db_i whatever the
-    widths.
+    widths. ``workspace``: where delta_i and dW_i (or K delta_i) are written, kept between
+    steps (else they are allocated).
     """
     dtype = _norm_dtype(h)
     num_tasks = grads.shape[0]
@@ -204,8 +205,16 @@ def gram_at_tap(grads: Tensor, h: Tensor, shared: Sequence[Tensor],
         ])
         return gram_of(rows), (rows if vectors else None)
     x = pattern.x
-    delta = grads * activation_derivative(pattern, h)
-    delta = delta.view(num_tasks, x.shape[0], h.shape[-1])  # [T, R, out]
+    rows_, out_ = x.shape[0], h.shape[-1]
+
+    def buffer(name: str, shape: tuple[int, ...]) -> Tensor:
+        if workspace is None:
+            return torch.empty(shape, dtype=grads.dtype, device=grads.device)
+        return workspace.get(name, shape, grads)
+
+    delta = torch.mul(grads, activation_derivative(pattern, h),
+                      out=buffer("gram-delta", tuple(grads.shape)))
+    delta = delta.view(num_tasks, rows_, out_)  # [T, R, out]
     if vectors:
         rows = torch.cat([
             torch.matmul(delta.transpose(1, 2), x).reshape(num_tasks, -1)
@@ -216,11 +225,14 @@ def gram_at_tap(grads: Tensor, h: Tensor, shared: Sequence[Tensor],
     gram = None
     for p in shared:
         if pattern.roles[id(p)] == "weight" and x.shape[0] < x.shape[1]:
-            kd = torch.matmul(x @ x.T, delta)  # K delta_j, K = x x^T [R, R]
+            kd = torch.matmul(x @ x.T, delta,  # K delta_j, K = x x^T [R, R]
+                              out=buffer("gram-kd", (num_tasks, rows_, out_)))
             part = delta.reshape(num_tasks, -1).to(dtype) @ kd.reshape(num_tasks, -1).to(dtype).T
         elif pattern.roles[id(p)] == "weight":
-            dw = torch.matmul(delta.transpose(1, 2), x).reshape(num_tasks, -1).to(dtype)
-            part = dw @ dw.T  # dW_i = delta_i^T x
+            dw = torch.matmul(delta.transpose(1, 2), x,  # dW_i = delta_i^T x
+                              out=buffer("gram-dw", (num_tasks, out_, x.shape[1])))
+            dw = dw.view(num_tasks, -1).to(dtype)
+            part = dw @ dw.T
         else:
             db = delta.sum(dim=1).to(dtype)  # db_i = sum_r delta_i
             part = db @ db.T

@@ -29,13 +29,20 @@ Where the gradients are taken:
   sum_i c_i L_i with c constant: the shared tensors get exactly sum_i c_i g_i, every other
   parameter the c-weighted sum of its tasks' gradients (a head: c_i times its own).
 
-Cost of a step at h (T tasks, h of B x d numbers, in the dtype of h unless said): the kept
-buffer [T, B, d] (allocated once, reused every step: the hooks copy each g_i into its row);
-per step G (T x T, float32 or wider; a copy of the buffer first when h is narrower than
-float32), c (the rule's own small tensors), and d (B x d, the gradient handed on, which a
-plain step allocates too). Multiply-adds: T^2 B d for G, T B d for d. At one ``nn.Linear``
-weight add delta (T x B x out) and K delta (T x B x out, K = x x^T: B x B) or dW (T x out
-x in).
+Cost of a step at h (T tasks, h of B x d numbers, in the dtype of h unless said). Kept
+between steps (the balancer's workspace, allocated on the first step and when a shape
+changes): the buffer of the g_i [T, B, d], into whose rows the hooks copy each head's
+gradient. Allocated each step: G (a few T x T tensors, float32 or wider; a float32 copy of
+the buffer first when h is narrower), the rule's own small CPU tensors, and d (B x d, the
+gradient handed on into the trunk); besides them the step's Python objects (a capture of the
+call, one hook a head's read of h, the pending step) and the scalar total's copy. Autograd
+still sums the heads' g_i into the gradient at h before the hook replaces it, as in the plain
+step. Multiply-adds beyond the plain step: T^2 B d for G, T B d for d, T B d for the copies
+into the buffer. One host synchronisation (G's diagonal checked finite; the rule runs on the
+CPU). With ``shared`` one ``nn.Linear`` below h (R rows of input x [R, in], out = d): kept
+delta [T, R, out] and either dW [T, out, in] (R >= in: T R out in + T^2 out in
+multiply-adds) or K delta [T, R, out] (R < in: K = x x^T [R, R] allocated, T R^2 out +
+T^2 R out), and act'(z) [R, out] allocated.
 
 Over processes (DDP; ``distributed``): every process gets the Gram matrix of the global
 per-task gradients, so c is the same on all. At h (per-sample: process p holds dL_p/dh_p of
@@ -363,7 +370,8 @@ class Aggregator(Balancer):
         site = pending.site
         synced = self._synced()
         gram, vectors = gram_at_tap(grads, site.h, site.shared, site.pattern,  # type: ignore
-                                    vectors=synced and bool(site.shared))
+                                    vectors=synced and bool(site.shared),
+                                    workspace=self._workspace)
         assert pending.scale is not None
         unit = pending.scale.to(gram) / self.accumulation_steps  # what each g_i carries
         if vectors is not None:  # at a weight, over processes: average the gradients
