@@ -127,3 +127,20 @@ def test_options_are_checked():
         lb.NashMTL(3, optim_niter=0)
     with pytest.raises(ValueError, match="num_tasks"):
         lb.UPGrad(1)
+
+
+@pytest.mark.parametrize("name", ["mgda", "cagrad", "imtl-g", "nash-mtl", "aligned-mtl",
+                                  "upgrad"])
+def test_permuting_tasks_permutes_the_coefficients(name):
+    # (PCGrad's random orders are drawn per task index: a permutation changes the draw)
+    net, x, ys = make(3)
+    order = [2, 0, 1]
+    nets = [copy.deepcopy(net), copy.deepcopy(net)]
+    bals = [literal_rules()[name][0].double(), literal_rules()[name][0].double()]
+    for _ in range(3):
+        for k, o in enumerate((None, order)):
+            nets[k].zero_grad()
+            balancer_step(bals[k], nets[k], x, ys, "h", order=o)
+        torch.testing.assert_close(bals[1].weights, bals[0].weights[order], **F64)
+        for pa, pb in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, **F64)
