@@ -144,3 +144,19 @@ def test_permuting_tasks_permutes_the_coefficients(name):
         torch.testing.assert_close(bals[1].weights, bals[0].weights[order], **F64)
         for pa, pb in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
             torch.testing.assert_close(pa.grad, pb.grad, **F64)
+
+
+@pytest.mark.parametrize("make", [lb.MGDA, lb.UPGrad, lb.CAGrad], ids=["mgda", "upgrad", "cagrad"])
+def test_a_missing_solver_is_named_at_construction(make, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError("no scipy here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_scipy)
+    with pytest.raises(ImportError, match=r"scipy.*solvers"):
+        make(3)

@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from .._rules import cagrad_weights
+from .._rules._qp import require
 from .aggregator import Aggregator
 
 RESCALES = (0, 1, 2)
@@ -49,6 +50,7 @@ class CAGrad(Aggregator):
             raise ValueError(f"CAGrad: c must be a finite number >= 0, got {c!r}")
         if rescale not in RESCALES or isinstance(rescale, bool):
             raise ValueError(f"CAGrad: rescale must be one of {RESCALES}, got {rescale!r}")
+        require("scipy.optimize", "CAGrad")  # the solver: refused now, not mid-backward
         super().__init__(num_tasks, task_names=task_names, **kwargs)
         self.c, self.rescale = float(c), rescale
 

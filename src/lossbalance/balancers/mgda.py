@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from .._rules import mgda_weights
+from .._rules._qp import require
 from .aggregator import Aggregator
 
 NORMALIZATIONS = ("none", "l2")
@@ -44,6 +45,7 @@ class MGDA(Aggregator):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"MGDA: normalize must be one of {NORMALIZATIONS}, "
                              f"got {normalize!r}")
+        require("scipy.optimize", "MGDA")  # the solver: refused now, not mid-backward
         super().__init__(num_tasks, task_names=task_names, **kwargs)
         self.normalize = normalize
 

@@ -14,9 +14,12 @@ regularisation).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from .._rules import upgrad_weights
+from .._rules._qp import require
 from .aggregator import Aggregator
 
 
@@ -27,6 +30,10 @@ class UPGrad(Aggregator):
     ``distributed``, ``accumulation_steps``, ``general_path``); the method has no option.
     Needs the ``solvers`` extra (scipy). ``weights``: the last c.
     """
+
+    def __init__(self, num_tasks: int, **kwargs: Any) -> None:
+        require("scipy.optimize", "UPGrad")  # the solver: refused now, not mid-backward
+        super().__init__(num_tasks, **kwargs)
 
     def _coefficients(self, gram: Tensor, values: Tensor) -> Tensor:
         return upgrad_weights(gram)
