@@ -28,7 +28,7 @@ def test_direction_is_the_papers_fixed_point(seed):
     for name, J in jacobian_cases(seed):
         if name.startswith(("norms", "P<T")):
             continue  # SLSQP, standing in for ECOS, does not converge on these (next test)
-        # (nor on a few T = 10 draws of other seeds: 3 of 48 random/conflicting T = 10 Jacobians
+        # (nor on a few T = 10 draws of other seeds: 3 of the 16 random/conflicting T = 10 ones
         # of seeds 0-7 end with residuals ~1e59, while the rule's alpha_i <g_i, d> - 1 is 1e-13)
         alpha = nash_mtl_weights(J @ J.T, max_norm=0)
         assert rel_err(alpha @ J, nash_mtl(J), J) < 1e-5, name
