@@ -181,12 +181,12 @@ def test_matches_literal_when_the_layer_is_wider_than_the_batch(where):
 
 @pytest.mark.parametrize("where", ["h", "tap-trunk", "trunk"])
 def test_a_trunk_that_is_not_one_linear(where):
-    run_both(where, trunk="norm", steps=10)
+    run_both(where, trunk="norm", steps=5)
 
 
 @pytest.mark.parametrize("where", ["h", "tap-W"])
 def test_heads_reading_h_twice(where):
-    run_both(where, heads="twice", steps=10)
+    run_both(where, heads="twice", steps=5)
 
 
 @pytest.mark.parametrize("where", ["h", "W"])
