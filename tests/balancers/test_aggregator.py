@@ -525,3 +525,23 @@ def test_float32_matches_literal():
         torch.testing.assert_close(bal.stats["gram"], gram, rtol=1e-5, atol=1e-5)
         for pa, pb in zip(net.parameters(), net_b.parameters(), strict=True):
             torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_skipped_call_in_a_window_at_parameters_skips_the_window():
+    net, x, ys = make(3)
+    bal = RuleAggregator(3, accumulation_steps=2, on_nonfinite="skip").double()
+    h = net.trunk(x)
+    bal.backward([F.mse_loss(net.heads[i](h), ys[i]) for i in range(3)], net.trunk[2].weight)
+    bal.backward(nan_grad_losses(net, (net.trunk(x),) * 3, ys), net.trunk[2].weight)
+    assert bal.last_step_skipped and int(bal.num_steps) == 0
+    assert torch.equal(bal.weights, torch.ones(3, dtype=torch.float64))
+    net.zero_grad()
+    net_b = copy.deepcopy(net)
+    for m in range(2):  # the next window is whole again
+        rows = slice(m * 8, (m + 1) * 8)
+        balancer_step(bal, net, x[rows], [y[rows] for y in ys], "W")
+    c = literal_window_at_parameters(net_b, x, ys, "W", cosine_rule,
+                                     torch.ones(3, dtype=torch.float64), 2)
+    torch.testing.assert_close(bal.weights, c, **F64)
+    for pa, pb in zip(net.parameters(), net_b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, **F64)

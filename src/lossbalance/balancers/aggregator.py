@@ -343,9 +343,12 @@ class Aggregator(Balancer):
         synced = self._synced()
         if synced and not window:
             measured = self._gram_over_processes(measured)
-        bad = _checks.first_nonfinite(measured.norms)
+        seen = measured.norms
+        if synced and window:  # T numbers, so that every process agrees on a non-finite one
+            seen = mean_over_processes(seen, self._group())
+        bad = _checks.first_nonfinite(seen)
         if bad is not None:
-            self._nonfinite(bad, measured.norms, before_backward=True)
+            self._nonfinite(bad, seen, before_backward=True)
             if window:
                 self._window.add_skipped()
             return values @ _like(self.task_weights, values)  # no backward
@@ -387,7 +390,7 @@ class Aggregator(Balancer):
         bad = _checks.first_nonfinite(gram.diagonal())
         if bad is not None:
             scaled = bool(pending.scale != 1)
-            self._nonfinite(bad, gram.diagonal(), before_backward=False, scaled=scaled)
+            self._nonfinite(bad, norms, before_backward=False, scaled=scaled)
             if scaled:  # the scaled gradients overflowed (or only G did): the scaler must
                 # see it, skip the optimizer step and lower the scale
                 return torch.full_like(site.h, float("nan"))  # type: ignore[arg-type]
@@ -462,7 +465,7 @@ class Aggregator(Balancer):
                  "the model's .grad already holds part of this step's gradient: zero it "
                  "before the next step")
         raise ValueError(
-            f"the gradient of {who} is non-finite (squared norm {float(seen[bad])}) with "
+            f"the gradient of {who} is non-finite (norm {float(seen[bad])}) with "
             f"finite losses; the balancer's state is untouched and {where}. Pass "
             "on_nonfinite='skip' to skip such steps"
         )
