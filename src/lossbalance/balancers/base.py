@@ -140,10 +140,12 @@ class Balancer(nn.Module):
         backward of it) then gives the model exactly the gradients ``backward(losses,
         shared, **signals)`` gives. Arguments and checks are those of ``backward``, with
         no ``grad_scaler``: a scaler the trainer applies needs no telling. For the balancers
-        that measure no gradient (Equal, Static, Uncertainty, DTP) the balancer's own state
-        changes here as in ``backward`` (DTP smooths its KPIs; Uncertainty's log-variances
-        train through the total's graph). A non-finite loss with ``on_nonfinite="skip"``
-        returns sum_i w_i L_i as a leaf whose backward changes no model gradient.
+        that measure no gradient (Equal, Static, Uncertainty, DTP, DWA, RLW, GLS, FAMO,
+        IMTLL) the balancer's own state changes here as in ``backward`` (DTP smooths its
+        KPIs, DWA adds to its epoch, RLW draws, FAMO steps its logits with update="next";
+        Uncertainty's and IMTL-L's parameters train through the total's graph). A non-finite
+        loss with ``on_nonfinite="skip"`` returns sum_i w_i L_i as a leaf whose backward
+        changes no model gradient.
         """
         items, stacked, values, skipped = self._begin(losses, None)
         if skipped is not None:
