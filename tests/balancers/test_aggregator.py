@@ -545,3 +545,29 @@ def test_a_skipped_call_in_a_window_at_parameters_skips_the_window():
     torch.testing.assert_close(bal.weights, c, **F64)
     for pa, pb in zip(net.parameters(), net_b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, **F64)
+
+
+@pytest.mark.parametrize("where", ["h", "tap-W"])
+@pytest.mark.parametrize("way", ["backward", "loss", "loss never backpropagated"])
+def test_the_step_keeps_no_reference_to_h(where, way):
+    # the hook on h holds the pending step weakly: no cycle h -> hook -> step -> h through
+    # autograd's C++ nodes, which the garbage collector could not free (a leak of h a step)
+    import gc
+    import weakref
+
+    net, x, ys = make(3)
+    bal = RuleAggregator(3).double()
+    h = net.trunk(x)
+    feats = bal.tap(h)
+    losses = [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(3)]
+    if way == "backward":
+        bal.backward(losses, shared_for(net, where, h))
+    else:
+        total = bal.loss(losses, shared_for(net, where, h))
+        if way == "loss":
+            total.backward()
+        del total
+    ref = weakref.ref(h)
+    del h, feats, losses
+    gc.collect()
+    assert ref() is None

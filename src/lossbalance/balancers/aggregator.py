@@ -69,6 +69,7 @@ gradient; documented, and tested against that literal rule).
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,14 +113,16 @@ class _Pending:
         self.measured: Measurement | None = None  # at parameters
         self.coefficients: Tensor | None = None  # at parameters, one call a step
         self.commit: Commit = None
-        self.done = False
 
     def arrived(self, grad: Tensor) -> None:
         if self.scale is not None:  # a second backward through the graph: nothing again
             return
         self.scale = grad.detach()
         if self.site.h is None:
-            self.bal._finish_at_parameters(self)
+            try:
+                self.bal._finish_at_parameters(self)
+            finally:
+                self.measured = self.values = None  # the per-task gradients: not kept
 
     def at_h(self, grad: Tensor) -> Tensor | None:
         """The hook on h: the replacement sum_i c_i g_i (None: the gradient goes on as is)."""
@@ -130,6 +133,20 @@ class _Pending:
             return self.bal._aggregate_at_h(self, capture)
         finally:
             capture.end()
+            self.site = self.values = None  # h and the layer's input: not kept
+
+    def hook(self) -> Callable[[Tensor], Tensor | None]:
+        """The hook to register on h, holding this pending step weakly: h holds its hooks,
+        and a strong reference back to h (through the site or the capture) would make a
+        cycle through autograd's C++ nodes that Python's garbage collector cannot free.
+        The step itself is held by the total's graph (``_Deferred``'s context), alive
+        throughout its backward."""
+        ref = weakref.ref(self)
+
+        def at_h(grad: Tensor) -> Tensor | None:
+            pending = ref()
+            return None if pending is None else pending.at_h(grad)
+        return at_h
 
 
 def _is_process_group(group: object) -> bool:
@@ -317,7 +334,7 @@ class Aggregator(Balancer):
         pending = _Pending(self, values, weights, site)
         pending.capture = capture
         capture.begin(tap.h, [], None, grads=True)
-        tap.h.register_hook(pending.at_h)
+        tap.h.register_hook(pending.hook())
         total = stacked @ _like(weights, stacked)
         return _Deferred.apply(total, pending)
 
