@@ -144,12 +144,12 @@ def balancer_step(bal, net, x, ys, where, order=None, way="backward"):
 
 
 def run_both(where, rule=cosine_rule, steps=20, num_tasks=3, optimizer=torch.optim.Adam,
-             **problem):
+             balancer=None, **problem):
     net, x, ys = make(num_tasks, **problem)
     net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
     opt_a = optimizer(net_a.parameters(), lr=1e-3)
     opt_b = optimizer(net_b.parameters(), lr=1e-3)
-    bal = RuleAggregator(num_tasks, rule).double()
+    bal = RuleAggregator(num_tasks, rule, **(balancer or {})).double()
     for _ in range(steps):
         opt_a.zero_grad()
         opt_b.zero_grad()
@@ -171,6 +171,10 @@ def run_both(where, rule=cosine_rule, steps=20, num_tasks=3, optimizer=torch.opt
                                    "general-h"])
 def test_matches_literal_aggregation(where):
     run_both(where)
+
+
+def test_batched_general_path_matches_literal():
+    run_both("trunk", steps=5, balancer={"general_path": "batched"})
 
 
 @pytest.mark.parametrize("where", ["tap-W", "tap-Wb"])
