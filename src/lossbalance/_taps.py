@@ -3,7 +3,10 @@
 ``measure_at_tap`` (fast path) and ``measure_general`` (no tap) each return a ``Measurement``
 of one call: G_i = ||grad_S (w_i L_i)|| for every task at the shared tensors S and, where the
 exact combination needs them, the per-task gradients themselves. ``Site`` says where a call
-measures; the rest of this module is how.
+measures; the rest of this module is how. For the aggregation methods (``Site.gram``) the
+tasks' Gram matrix G_ij = <g_i, g_j>: on the general path from the per-task gradients, on the
+fast path by ``gram_at_tap`` from each g_i at h, which a ``Capture`` in "grads" mode keeps
+(there, unlike for norms, a [T, *h.shape] buffer is held: every g_i is needed at once).
 
 Fast path (``tap``): every head consumes the shared representation h itself. Before the one
 ordinary backward of sum_i w_i L_i, the graph is walked from each loss to find the autograd
