@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -69,3 +70,63 @@ def gram_factor(gram: Tensor) -> Tensor:
 def like(c: Tensor, gram: Tensor) -> Tensor:
     """The coefficients in ``gram``'s dtype and on its device."""
     return c.to(device=gram.device, dtype=gram.dtype)
+
+
+# The rules' arithmetic runs in numpy: on T x T float64 problems one numpy call costs ~1 us
+# against ~5-10 us of torch dispatch (benchmarks/rules_speed.py).
+
+
+def check_gram_array(gram: object, rule: str) -> np.ndarray:
+    """``check_gram`` with the result as a float64 numpy array (same checks, same messages)."""
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"{rule}: gram must be a torch.Tensor, got {type(gram).__name__}")
+    if not gram.is_floating_point():
+        raise TypeError(f"{rule}: gram must have a floating dtype, got {gram.dtype}")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 1:
+        raise ValueError(
+            f"{rule}: gram must be a square [T, T] matrix with T >= 1, got shape "
+            f"{list(gram.shape)}"
+        )
+    g = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
+    finite = np.isfinite(g)
+    if not finite.all():
+        i, j = np.argwhere(~finite)[0]
+        raise ValueError(f"{rule}: gram[{i}, {j}] is not finite: {float(g[i, j])}")
+    diag = np.diagonal(g)
+    if diag.min() < 0:
+        i = int(np.argmax(diag < 0))
+        raise ValueError(
+            f"{rule}: gram[{i}, {i}] = {float(diag[i])} is a squared norm and cannot be negative"
+        )
+    tol = _sqrt_eps(gram.dtype) * float(diag.max())
+    asym = np.abs(g - g.T)
+    if asym.max() > tol:
+        i, j = divmod(int(asym.argmax()), g.shape[0])
+        raise ValueError(
+            f"{rule}: gram is not symmetric: gram[{i}, {j}] = {float(g[i, j])} but "
+            f"gram[{j}, {i}] = {float(g[j, i])}"
+        )
+    return (g + g.T) / 2
+
+
+_SQRT_EPS: dict[torch.dtype, float] = {}
+
+
+def _sqrt_eps(dtype: torch.dtype) -> float:
+    if dtype not in _SQRT_EPS:  # torch.finfo costs ~2 us a call
+        _SQRT_EPS[dtype] = math.sqrt(torch.finfo(dtype).eps)
+    return _SQRT_EPS[dtype]
+
+
+def gram_factor_array(gram: np.ndarray) -> np.ndarray:
+    """``gram_factor`` on a float64 numpy array: L [T, r] with L L^T = G."""
+    lam, vec = np.linalg.eigh(gram)
+    tol = max(float(lam.max()), 0.0) * gram.shape[0] * np.finfo(np.float64).eps
+    keep = lam > tol
+    return vec[:, keep] * np.sqrt(lam[keep])
+
+
+def like_array(c: np.ndarray, gram: Tensor) -> Tensor:
+    """The coefficients (a float64 numpy array) as a tensor in ``gram``'s dtype and device."""
+    return torch.from_numpy(np.ascontiguousarray(c, dtype=np.float64)).to(
+        device=gram.device, dtype=gram.dtype)

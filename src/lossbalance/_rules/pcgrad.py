@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram, like
+from ._gram import check_gram_array, like_array
 
 
 def pcgrad_orders(num_tasks: int, generator: torch.Generator | None = None) -> list[Tensor]:
@@ -28,27 +29,42 @@ def pcgrad_coefficients(gram: Tensor, orders: Sequence[Tensor]) -> Tensor:
     g_i^PC . g_j = (G w_i)_j, and a projection subtracts (G w_i)_j / G_jj from w_ij.
     Returns c = sum_i w_i (float64, CPU); a zero gradient g_j (G_jj = 0) is never projected on.
     """
-    G = check_gram(gram, "PCGrad")
+    G = check_gram_array(gram, "PCGrad")
     T = G.shape[0]
     if len(orders) != T:
         raise ValueError(f"PCGrad: {len(orders)} task orders for T = {T} tasks")
-    c = torch.zeros(T, dtype=torch.float64)
+    table = np.empty((T, T), dtype=np.int64)
     for i in range(T):
-        order = [int(j) for j in orders[i]]
+        order = orders[i].tolist() if isinstance(orders[i], Tensor) else list(orders[i])
         if sorted(order) != list(range(T)):
             raise ValueError(
                 f"PCGrad: orders[{i}] must be a permutation of 0..{T - 1}, got {order}"
             )
-        w = torch.zeros(T, dtype=torch.float64)
-        w[i] = 1.0
-        for j in order:
-            if j == i or G[j, j] <= 0:
-                continue
-            inner = G[j] @ w  # g_i^PC . g_j
-            if inner < 0:
-                w[j] -= inner / G[j, j]
-        c += w
-    return c
+        table[i] = order
+    return torch.from_numpy(_coefficients(G, table))
+
+
+def _coefficients(G: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """c = sum_i w_i for the task orders ``table[i]`` (checked permutations), in numpy.
+
+    The T tasks' projection sequences are independent, so step k runs for all of them at
+    once (task i meets j = table[i, k]): T vectorised steps instead of T (T - 1) scalar ones
+    (T = 10: ~3.4 ms -> ~0.1 ms per call, benchmarks/rules_speed.py).
+    """
+    T = G.shape[0]
+    rows = np.arange(T)
+    diag = np.diagonal(G)
+    inverse = np.divide(1.0, diag, out=np.zeros(T), where=diag > 0)
+    # scale[i, k] = 1 / G_jj for j = table[i, k]; 0 where no projection may happen (j = i:
+    # task i itself; G_jj = 0: a zero gradient)
+    scale = np.where(table == rows[:, None], 0.0, inverse[table])
+    flat = rows[:, None] * T + table  # the position of W[i, table[i, k]] in W's storage
+    W = np.eye(T)  # row i: w_i, g_i^PC = sum_k W_ik g_k
+    w = W.reshape(-1)  # a view: writing w writes W
+    for k in range(T):
+        inner = np.einsum("ij,ij->i", G[table[:, k]], W)  # g_i^PC . g_j = (G w_i)_j, each i
+        w[flat[:, k]] -= np.minimum(inner, 0.0) * scale[:, k]  # only the conflicts move
+    return W.sum(axis=0)
 
 
 def pcgrad_weights(gram: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -62,8 +78,8 @@ def pcgrad_weights(gram: Tensor, *, generator: torch.Generator | None = None) ->
 
     Returns c [T] in ``gram``'s dtype and device.
     """
-    G = check_gram(gram, "PCGrad")
+    G = check_gram_array(gram, "PCGrad")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"PCGrad: generator must be a torch.Generator or None, got {generator!r}")
-    c = pcgrad_coefficients(G, pcgrad_orders(G.shape[0], generator))
-    return like(c, gram)
+    orders = pcgrad_orders(G.shape[0], generator)  # randperm's permutations: no check needed
+    return like_array(_coefficients(G, torch.stack(orders).numpy()), gram)
