@@ -2,6 +2,7 @@
 
 from . import native
 from .balancers import (
+    DBMTL,
     DWA,
     FAMO,
     GLS,
@@ -26,6 +27,7 @@ from .balancers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBMTL",
     "DWA",
     "FAMO",
     "GLS",

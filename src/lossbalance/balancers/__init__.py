@@ -4,6 +4,7 @@ from .aggregator import Aggregator
 from .aligned_mtl import AlignedMTL
 from .base import Balancer
 from .cagrad import CAGrad
+from .db_mtl import DBMTL
 from .dtp import DynamicTaskPrioritization
 from .dwa import DWA
 from .famo import FAMO
@@ -20,6 +21,7 @@ from .uncertainty import UncertaintyWeighting
 from .upgrad import UPGrad
 
 __all__ = [
+    "DBMTL",
     "DWA",
     "FAMO",
     "GLS",
