@@ -69,6 +69,13 @@ def check_int_at_least(name: str, value: object, minimum: int, *,
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A switch that must be True or False (not 0, 1 or None)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_fraction(name: str, value: float) -> float:
     """A number in [0, 1) (exponential-moving-average decays)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
