@@ -26,6 +26,9 @@ Methods (``--methods``):
   ``famo-next``: ``lb.FAMO(T)``, the logits stepped from the next step's losses (no extra
   forward).
 - ``imtl-l``: ``lb.IMTLL(T)``, learned loss scales trained by the model's optimizer.
+- ``db-mtl``: ``lb.DBMTL(T)`` at the study's shared tensor (the paper's and official code's
+  defaults); its weight columns are alpha_i = max_j ||ghat_j|| / ||ghat_i||, its grad_norm
+  columns ||grad_W log L_i|| = ||grad_W (w_i L_i)|| with w_i = 1 / L_i.
 
 Each method is one :class:`Method` in ``METHOD_SPECS``: how its balancer is built and how a
 step drives it (``backward`` with ``shared=``/``kpis=``, and a call after the optimizer step).
@@ -143,6 +146,8 @@ METHOD_SPECS: dict[str, Method] = {
                    after_step=_famo_update),
     "famo-next": Method(lambda study, run, options: lb.FAMO(study.num_tasks)),
     "imtl-l": Method(lambda study, run, options: lb.IMTLL(study.num_tasks)),
+    "db-mtl": Method(lambda study, run, options: lb.DBMTL(study.num_tasks), shared=True,
+                     reports_grad_norms=True),
 }
 
 METHODS = ("single", *METHOD_SPECS)
