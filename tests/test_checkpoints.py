@@ -41,6 +41,8 @@ MAKERS = {
     "nash-mtl": lambda: lb.NashMTL(T),  # the warm start travels
     # no tap: an exact window at W, saved mid-window with its per-task gradients
     "mgda-window": lambda: _without_tap(lb.MGDA(T, accumulation_steps=2)),
+    "db-mtl": lambda: lb.DBMTL(T),  # the gradients' EMA [T, P] travels (sized on load)
+    "db-mtl-window": lambda: lb.DBMTL(T, accumulation_steps=2),  # saved mid-window
 }
 
 
