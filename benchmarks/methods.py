@@ -57,6 +57,8 @@ METHODS: dict[str, tuple[str, dict, str | None, dict, str]] = {
     "imtl-l": ("IMTLL", {}, None, {}, "loss"),
     "uncertainty": ("UncertaintyWeighting", {}, "UW", {}, "loss"),
 }
+# gradients at W only: DB-MTL refuses h, as its official code refuses rep_grad
+AT_PARAMETERS_ONLY = {"db-mtl"}
 
 
 def load_libmtl(name: str) -> type:
@@ -238,6 +240,8 @@ def main() -> None:
         kind = METHODS[method][4]
         wheres = ["-"] if kind == "loss" else args.where.split(",")
         for where in wheres:
+            if where == "h" and method in AT_PARAMETERS_ONLY:
+                continue
             for T in [int(t) for t in args.tasks.split(",")]:
                 for impl in impls:
                     if impl == "LibMTL" and not libmtl_supports(method, where):
