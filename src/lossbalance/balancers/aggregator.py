@@ -92,7 +92,7 @@ from .._taps import (
     measure_general,
 )
 from .base import Balancer, SharedLike, _like, _set
-from .gradnorm import _Deferred
+from .gradnorm import _Deferred, arrived_scale
 
 Commit = Callable[[], None] | None
 
@@ -117,7 +117,8 @@ class _Pending:
     def arrived(self, grad: Tensor) -> None:
         if self.scale is not None:  # a second backward through the graph: nothing again
             return
-        self.scale = grad.detach()
+        bal = self.bal  # under caller_divides the caller divided the total by k: grad = s/k
+        self.scale = arrived_scale(grad, bal.accumulation_steps if bal.caller_divides else 1)
         if self.site.h is None:
             try:
                 self.bal._finish_at_parameters(self)
@@ -184,6 +185,15 @@ class Aggregator(Balancer):
             exact at parameters, c per micro-batch at h).
         general_path: per-task gradients without a tap: "loop" (default, one
             ``autograd.grad`` per task) or "batched" (one vmapped call).
+        caller_divides: concerns ``loss()`` only, inside an accumulation window. False
+            (default): its total is 1/k of what ``backward`` would backpropagate with k =
+            ``accumulation_steps`` (sum_i L_i at h, sum_i c_i L_i at parameters). True:
+            whoever backpropagates it divides it by k itself (Lightning's
+            ``accumulate_grad_batches=k``, Accelerate's ``gradient_accumulation_steps=k``,
+            ``(total / k).backward()``), so the total is undivided, and the scale is the
+            gradient arriving at it times k (the gradients at h and at ``shared`` then carry
+            what they carry with False). ``backward`` is unaffected; with
+            ``accumulation_steps=1`` the option changes nothing.
 
     ``weights``: the last c (ones before the first step). ``stats`` after a step:
     ``weight`` (c), ``gram`` (G, unscaled) and ``grad_norm`` (sqrt(G_ii)).
@@ -198,8 +208,10 @@ class Aggregator(Balancer):
         distributed: bool | Any | None = None,
         accumulation_steps: int = 1,
         general_path: str = "loop",
+        caller_divides: bool = False,
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
+        self.caller_divides = _checks.check_bool("caller_divides", caller_divides)
         if not (distributed is None or isinstance(distributed, bool)
                 or _is_process_group(distributed)):
             raise TypeError(
@@ -276,7 +288,9 @@ class Aggregator(Balancer):
         the hook on h replaces the gradient during that backward (the gradient arriving at
         the total is taken as a scaler's scale); at parameters c is formed now and the total
         is sum_i c_i L_i. The state (c, ``stats``, the rule's state) changes in that
-        backward only: a total never backpropagated changes nothing."""
+        backward only: a total never backpropagated changes nothing. In an accumulation
+        window the total is 1/k of that, or undivided with ``caller_divides=True`` (for a
+        caller that divides it by k itself)."""
         try:
             return super().loss(losses, shared, **signals)
         finally:
@@ -335,7 +349,7 @@ class Aggregator(Balancer):
         pending.capture = capture
         capture.begin(tap.h, [], None, grads=True)
         tap.h.register_hook(pending.hook())
-        total = stacked @ _like(weights, stacked)
+        total = stacked @ _like(ones if self.caller_divides else weights, stacked)
         return _Deferred.apply(total, pending)
 
     def _at_parameters(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
@@ -375,13 +389,14 @@ class Aggregator(Balancer):
                                                  norms=measured.norms / k)
             weights = _like(self.task_weights, values).clone()
             pending.weights = weights
-            total = stacked @ _like(weights / k, stacked)
+            total = stacked @ _like(weights if self.caller_divides else weights / k, stacked)
         else:
             gram = measured.gram
             assert gram is not None
             c, pending.commit = self._prepare(gram, values)
             pending.coefficients, pending.measured = c, measured
-            total = stacked @ _like(c.detach() / k if k > 1 else c.detach(), stacked)
+            divided = k > 1 and not self.caller_divides
+            total = stacked @ _like(c.detach() / k if divided else c.detach(), stacked)
         return _Deferred.apply(total, pending)
 
     def _aggregate_at_h(self, pending: _Pending, capture: Capture) -> Tensor | None:

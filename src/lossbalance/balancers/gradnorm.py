@@ -62,6 +62,21 @@ from .._update import gradnorm_rule, step_log_weights, step_weights
 from .base import Balancer, SharedLike, _like, _set
 
 
+def arrived_scale(grad: Tensor, factor: int) -> Tensor:
+    """The scale s of the backward through a ``loss()`` total, from the gradient ``grad``
+    arriving at it: ``grad`` itself (a gradient scaler's scale, or 1), or, when the caller
+    divides the total by k before its backward (``caller_divides``, ``factor`` = k), grad * k
+    (grad = s/k). fl(fl(1/k) * k) misses 1 by an ulp for some k (41, 47, ... in float32);
+    within 4 ulps of 1 it is taken as exactly 1 (no scaler)."""
+    scale = grad.detach()
+    if factor == 1:
+        return scale
+    scale = scale * factor
+    if bool((scale - 1).abs() <= 4 * torch.finfo(scale.dtype).eps):
+        scale = torch.ones_like(scale)
+    return scale
+
+
 class _PendingStep:
     """What a ``GradNorm.loss`` call leaves for after its backward: held by the total's
     graph only (``_Deferred``'s context), so that a total never backpropagated is dropped
@@ -75,14 +90,17 @@ class _PendingStep:
         self.total = total
         self.scale: Tensor | None = None
         self.queued = False
+        # the caller divides the total by k before its backward: the scale is grad * k
+        self.factor = balancer.accumulation_steps if balancer.caller_divides else 1
 
     def arrived(self, grad: Tensor) -> None:
-        """The backward reached the total with ``grad`` (the scaler's scale, or 1): queue the
-        rest of the step for when the whole backward has finished, once per total."""
+        """The backward reached the total with ``grad`` (the scaler's scale, or 1; divided by
+        k under ``caller_divides``): queue the rest of the step for when the whole backward
+        has finished, once per total."""
         if self.queued:
             return
         self.queued = True
-        self.scale = grad.detach()
+        self.scale = arrived_scale(grad, self.factor)
         torch.autograd.Variable._execution_engine.queue_callback(self.run)
 
     def run(self) -> None:
@@ -187,6 +205,18 @@ class GradNorm(Balancer):
             within the window, and the k-th call takes one GradNorm step with L_i the
             window's mean and G_i that of the window's mean loss: at h exact from the calls'
             norms (root of the summed squares); at parameters see ``parameter_norms``.
+        caller_divides: concerns ``loss()`` only, inside an accumulation window. False
+            (default): ``loss`` returns (1/k) sum_i w_i L_i, as ``backward`` backpropagates,
+            for a caller that backpropagates it as is. True: whoever backpropagates
+            ``loss``'s total divides it by k = ``accumulation_steps`` itself (Lightning's
+            ``accumulate_grad_batches=k``, Accelerate's ``gradient_accumulation_steps=k``,
+            a loop's ``(total / k).backward()``), so ``loss`` returns the undivided
+            sum_i w_i L_i, and the gradient g arriving at it is s/k (s: a gradient scaler's
+            scale, or 1): the scale is taken as g * k, and the hooks see (s/k) w_i dL_i =
+            s (1/k) w_i dL_i, what they see with False. The model, the weights and
+            ``stats`` then get what ``backward`` gives (bit for bit when k is a power of two;
+            else up to the rounding of fl(1/k) w_i against fl(w_i/k)). ``backward`` is
+            unaffected, and with ``accumulation_steps=1`` the option changes nothing.
         parameter_norms: how G_i at shared parameters combines over an accumulation
             window's micro-batches and over processes (nothing changes without either):
             "exact" (default) keeps each task's gradient there, T x |shared| numbers
@@ -220,8 +250,10 @@ class GradNorm(Balancer):
         accumulation_steps: int = 1,
         parameter_norms: str = "exact",
         log_weights: bool = False,
+        caller_divides: bool = False,
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
+        self.caller_divides = _checks.check_bool("caller_divides", caller_divides)
         if not (distributed is None or isinstance(distributed, bool)
                 or _is_process_group(distributed)):
             raise TypeError(
@@ -623,6 +655,9 @@ class GradNorm(Balancer):
         update runs once that backward has finished (queued on autograd's engine); a total
         never backpropagated changes nothing, a second backward through it (``retain_graph``)
         updates nothing again. The pending step lives on the total's graph only.
+        In an accumulation window (``accumulation_steps=k``) the total is
+        (1/k) sum_i w_i L_i, as ``backward`` backpropagates; with ``caller_divides=True``
+        it is sum_i w_i L_i, for a caller (a trainer) that divides it by k itself.
         """
         try:
             return super().loss(losses, shared, **signals)
@@ -643,7 +678,9 @@ class GradNorm(Balancer):
             _set(self, "_capture", kept)
         w = self.task_weights.clone()
         k = self.accumulation_steps
-        w_back = w if k == 1 else w / k
+        w_back = w if k == 1 else w / k  # what the model's backward carries, as in _step
+        # the total: (1/k) sum_i w_i L_i, or undivided when the caller divides it by k
+        w_total = w if self.caller_divides else w_back
         measured = None
         if site.h is not None:
             capture.begin(site.h, site.shared, site.pattern, vectors=site.keep)
@@ -654,8 +691,8 @@ class GradNorm(Balancer):
             measured = self._over_processes(measured)
             if not self._check_finite_norms(measured.norms, before_backward=True):
                 self._over_window(values, measured, False)  # as backward: no model backward
-                return (values @ _like(w_back, values)).requires_grad_()
-        total = stacked @ _like(w_back.detach(), stacked)
+                return (values @ _like(w_total, values)).requires_grad_()
+        total = stacked @ _like(w_total.detach(), stacked)
         pending = _PendingStep(self, capture, site.per_sample, measured, values, w, first,
                                total.detach())
         return _Deferred.apply(total, pending)
@@ -700,4 +737,5 @@ class GradNorm(Balancer):
             f"{super().extra_repr()}, alpha={self.alpha}, lr={self.lr}, "
             f"optimizer={getattr(self._optimizer_cls, '__name__', self._optimizer_cls)}"
             + (", log_weights=True" if self.log_weights else "")
+            + (", caller_divides=True" if self.caller_divides else "")
         )
