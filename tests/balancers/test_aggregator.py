@@ -575,3 +575,19 @@ def test_the_step_keeps_no_reference_to_h(where, way):
     del h, feats, losses
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("where", ["h", "W"])
+def test_caller_divides_leaves_backward_unchanged(where):
+    # caller_divides concerns loss() only: backward on such a balancer divides as always
+    out = []
+    for caller_divides in (False, True):
+        net, x, ys = make(3)
+        bal = RuleAggregator(3, accumulation_steps=2, caller_divides=caller_divides).double()
+        for m in range(4):
+            rows = slice((m % 2) * 8, (m % 2 + 1) * 8)
+            balancer_step(bal, net, x[rows], [y[rows] for y in ys], where)
+        out.append((bal.weights, [p.grad for p in net.parameters()]))
+    assert torch.equal(out[0][0], out[1][0])
+    for u, v in zip(out[0][1], out[1][1], strict=True):
+        assert torch.equal(u, v)

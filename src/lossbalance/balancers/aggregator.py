@@ -108,6 +108,7 @@ class _Pending:
 
     def __init__(self, bal: Aggregator, values: Tensor, weights: Tensor, site: Site) -> None:
         self.bal, self.values, self.weights, self.site = bal, values, weights, site
+        self.factor = bal.accumulation_steps if bal._undivided else 1
         self.scale: Tensor | None = None
         self.capture: Capture | None = None  # at h: the tap's hooks of this call
         self.measured: Measurement | None = None  # at parameters
@@ -117,8 +118,8 @@ class _Pending:
     def arrived(self, grad: Tensor) -> None:
         if self.scale is not None:  # a second backward through the graph: nothing again
             return
-        bal = self.bal  # under caller_divides the caller divided the total by k: grad = s/k
-        self.scale = arrived_scale(grad, bal.accumulation_steps if bal.caller_divides else 1)
+        # a loss() total under caller_divides was divided by k by the caller: grad = s/k
+        self.scale = arrived_scale(grad, self.factor)
         if self.site.h is None:
             try:
                 self.bal._finish_at_parameters(self)
@@ -212,6 +213,7 @@ class Aggregator(Balancer):
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
         self.caller_divides = _checks.check_bool("caller_divides", caller_divides)
+        self._undivided = False  # this call's total is undivided (loss() under caller_divides)
         if not (distributed is None or isinstance(distributed, bool)
                 or _is_process_group(distributed)):
             raise TypeError(
@@ -299,6 +301,7 @@ class Aggregator(Balancer):
     # ------------------------------------------------------------------ the step
     def _step(self, losses: list[Tensor], stacked: Tensor, values: Tensor, shared: SharedLike,
               **signals: Any) -> Tensor:
+        _set(self, "_undivided", False)  # backward divides a window's total by k itself
         total = self._total(losses, stacked, values, shared, signals)
         if total.requires_grad:
             self._backward(total)
@@ -306,6 +309,8 @@ class Aggregator(Balancer):
 
     def _loss_step(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
                    shared: SharedLike, **signals: Any) -> Tensor:
+        # under caller_divides the total is returned undivided: the caller divides it by k
+        _set(self, "_undivided", self.caller_divides and self.accumulation_steps > 1)
         total = self._total(losses, stacked, values, shared, signals)
         return total if total.requires_grad else total.requires_grad_()
 
@@ -349,7 +354,7 @@ class Aggregator(Balancer):
         pending.capture = capture
         capture.begin(tap.h, [], None, grads=True)
         tap.h.register_hook(pending.hook())
-        total = stacked @ _like(ones if self.caller_divides else weights, stacked)
+        total = stacked @ _like(ones if self._undivided else weights, stacked)
         return _Deferred.apply(total, pending)
 
     def _at_parameters(self, losses: list[Tensor], stacked: Tensor, values: Tensor,
@@ -389,13 +394,13 @@ class Aggregator(Balancer):
                                                  norms=measured.norms / k)
             weights = _like(self.task_weights, values).clone()
             pending.weights = weights
-            total = stacked @ _like(weights if self.caller_divides else weights / k, stacked)
+            total = stacked @ _like(weights if self._undivided else weights / k, stacked)
         else:
             gram = measured.gram
             assert gram is not None
             c, pending.commit = self._prepare(gram, values)
             pending.coefficients, pending.measured = c, measured
-            divided = k > 1 and not self.caller_divides
+            divided = k > 1 and not self._undivided
             total = stacked @ _like(c.detach() / k if divided else c.detach(), stacked)
         return _Deferred.apply(total, pending)
 
