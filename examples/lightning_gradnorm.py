@@ -9,6 +9,11 @@ synchronises by itself (its ``distributed`` defaults to following the process gr
     python examples/lightning_gradnorm.py --manual                 # manual optimisation
     python examples/lightning_gradnorm.py --devices 2              # DDP, 2 CPU processes
     python examples/lightning_gradnorm.py --precision bf16-mixed   # bfloat16 autocast
+    python examples/lightning_gradnorm.py --accumulate 2           # accumulate_grad_batches=2
+
+With ``--accumulate k`` Lightning divides the returned total by k and steps every k batches;
+the balancer is ``GradNorm(accumulation_steps=k, caller_divides=True)``: one GradNorm step a
+window, and ``bal.loss`` leaves the division by k to Lightning.
 
 The model, data and GradNorm's settings are those of ``multitask.py``, next to this file.
 """
@@ -35,14 +40,21 @@ from torch.utils.data import DataLoader, TensorDataset
 
 class GradNormModule(pl.LightningModule):
     """The multi-task model and its GradNorm balancer; ``manual=True`` for manual
-    optimisation (``self.manual_backward(bal.loss(...))``)."""
+    optimisation (``self.manual_backward(bal.loss(...))``); ``accumulate`` = k for
+    ``Trainer(accumulate_grad_batches=k)`` (automatic optimisation): each of the ``steps``
+    batches of ``batch_size`` rows comes as k micro-batches."""
 
     def __init__(self, steps: int = 20, batch_size: int = 32, seed: int = 0,
-                 manual: bool = False) -> None:
+                 manual: bool = False, accumulate: int = 1) -> None:
         super().__init__()
+        if batch_size % accumulate:
+            raise ValueError(f"batch_size {batch_size} is not divisible by accumulate "
+                             f"{accumulate}")
         self.steps, self.batch_size, self.seed = steps, batch_size, seed
+        self.accumulate = accumulate
         self.net = make_model(seed)
-        self.bal = make_balancer()
+        # Lightning divides the returned total by accumulate_grad_batches itself
+        self.bal = make_balancer(accumulate, caller_divides=True)
         self.automatic_optimization = not manual
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
@@ -69,15 +81,18 @@ class GradNormModule(pl.LightningModule):
         world = self.trainer.world_size
         rows = shard_rows(self.steps, self.batch_size, self.global_rank, world)
         x, y = make_data(self.steps, self.batch_size, self.seed)
-        return DataLoader(TensorDataset(x[rows], y[rows]), batch_size=self.batch_size // world)
+        return DataLoader(TensorDataset(x[rows], y[rows]),
+                          batch_size=self.batch_size // (world * self.accumulate))
 
 
 def make_trainer(steps: int, devices: int = 1, precision: str = "32-true",
-                 plugins: list | None = None) -> pl.Trainer:
-    """A CPU trainer for ``steps`` steps, quiet; DDP over gloo when ``devices`` > 1."""
+                 plugins: list | None = None, accumulate: int = 1) -> pl.Trainer:
+    """A CPU trainer for ``steps`` optimizer steps of ``accumulate`` batches each, quiet;
+    DDP over gloo when ``devices`` > 1."""
     return pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
         precision=None if plugins else precision, plugins=plugins, max_steps=steps,
+        accumulate_grad_batches=accumulate,
         max_epochs=1, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
 
@@ -89,12 +104,15 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP if > 1)")
     parser.add_argument("--manual", action="store_true", help="manual optimisation")
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="accumulate_grad_batches (automatic optimisation)")
     parser.add_argument("--out", type=Path, help="save each process's final weights and "
                         "model parameters to OUT/rank<r>.pt")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    module = GradNormModule(args.steps, args.batch_size, manual=args.manual)
-    trainer = make_trainer(args.steps, args.devices, args.precision)
+    module = GradNormModule(args.steps, args.batch_size, manual=args.manual,
+                            accumulate=args.accumulate)
+    trainer = make_trainer(args.steps, args.devices, args.precision, accumulate=args.accumulate)
     trainer.fit(module)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

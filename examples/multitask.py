@@ -41,8 +41,11 @@ def make_model(seed: int = 0) -> TaskNet:
     return TaskNet(T)
 
 
-def make_balancer() -> lb.GradNorm:
-    return lb.GradNorm(T, alpha=ALPHA, lr=BALANCER_LR)
+def make_balancer(accumulation_steps: int = 1, caller_divides: bool = False) -> lb.GradNorm:
+    """GradNorm at alpha 1.5; ``accumulation_steps`` micro-batches a window, and
+    ``caller_divides=True`` where a trainer divides the total by them itself."""
+    return lb.GradNorm(T, alpha=ALPHA, lr=BALANCER_LR, accumulation_steps=accumulation_steps,
+                       caller_divides=caller_divides)
 
 
 def make_data(steps: int, batch_size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -78,20 +81,28 @@ def log_values(bal: lb.GradNorm) -> dict[str, Tensor]:
 
 def train_by_hand(steps: int = 20, batch_size: int = 32, seed: int = 0,
                   autocast: torch.dtype | None = None,
-                  scaler: torch.amp.GradScaler | None = None) -> tuple[TaskNet, lb.GradNorm]:
+                  scaler: torch.amp.GradScaler | None = None,
+                  accumulate: int = 1) -> tuple[TaskNet, lb.GradNorm]:
     """The plain loop: ``bal.backward`` does the backward and GradNorm's step. ``autocast``:
     run the forward (and the balancer's call, as a trainer does) under CPU autocast of that
-    dtype; ``scaler``: a GradScaler applied to the total."""
-    model, bal = make_model(seed), make_balancer()
+    dtype; ``scaler``: a GradScaler applied to the total; ``accumulate``: k micro-batches of
+    ``batch_size // k`` rows (each batch's in order) a step, ``GradNorm(accumulation_steps=k)``.
+    """
+    if batch_size % accumulate:
+        raise ValueError(f"batch_size {batch_size} is not divisible by accumulate {accumulate}")
+    model, bal = make_model(seed), make_balancer(accumulate)
     opt = torch.optim.Adam(model.parameters(), lr=MODEL_LR)
     x, y = make_data(steps, batch_size, seed)
+    micro = batch_size // accumulate
     for s in range(steps):
-        rows = slice(s * batch_size, (s + 1) * batch_size)
         opt.zero_grad()
-        region = nullcontext() if autocast is None else torch.autocast("cpu", dtype=autocast)
-        with region:
-            losses = task_losses(model(x[rows], bal), y[rows])
-            bal.backward(losses, shared=model.last_shared, grad_scaler=scaler)
+        for m in range(accumulate):
+            rows = slice(s * batch_size + m * micro, s * batch_size + (m + 1) * micro)
+            region = (nullcontext() if autocast is None
+                      else torch.autocast("cpu", dtype=autocast))
+            with region:
+                losses = task_losses(model(x[rows], bal), y[rows])
+                bal.backward(losses, shared=model.last_shared, grad_scaler=scaler)
         if scaler is None:
             opt.step()
         else:
@@ -104,8 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches a step (GradNorm's accumulation window)")
     args = parser.parse_args()
-    _, bal = train_by_hand(args.steps, args.batch_size)
+    _, bal = train_by_hand(args.steps, args.batch_size, accumulate=args.accumulate)
     print("weights", bal.weights.tolist())
 
 

@@ -1,6 +1,6 @@
 """examples/lightning_gradnorm.py: GradNorm's total returned from a LightningModule (automatic
-and manual optimisation, 32-bit, bf16 autocast, float16 with a GradScaler) takes exactly the
-plain loop's steps, and two DDP processes take the one process's steps."""
+and manual optimisation, 32-bit, bf16 autocast, float16 with a GradScaler, accumulate_grad_batches)
+takes exactly the plain loop's steps, and two DDP processes take the one process's steps."""
 
 from __future__ import annotations
 
@@ -54,6 +54,21 @@ def test_lightning_steps_are_the_plain_loops(manual, precision):
                        bal.stats["grad_norm"])
     if precision == "16-mixed-plugin":  # the scaler overflowed and backed off, skipping
         assert trainer.precision_plugin.scaler.get_scale() < 2.0**16
+
+
+def test_lightning_accumulation_is_the_plain_loops_windows(monkeypatch, tmp_path):
+    """``python lightning_gradnorm.py --accumulate 2``: ``accumulate_grad_batches=2`` divides
+    the returned total by 2 itself; ``GradNorm(accumulation_steps=2, caller_divides=True)``
+    then takes the plain loop's window steps (``bal.backward``, accumulation_steps=2)."""
+    monkeypatch.setattr("sys.argv", ["lightning_gradnorm.py", "--steps", str(STEPS),
+                                     "--accumulate", "2", "--out", str(tmp_path)])
+    example.main()
+    saved = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    net, bal = multitask.train_by_hand(STEPS, BATCH, accumulate=2)
+    assert int(bal.num_steps) == STEPS
+    assert torch.equal(saved["weights"], bal.weights)
+    assert max_difference(saved["model"], net.state_dict()) == 0
+    assert (bal.weights - 1).abs().max() > 0.05
 
 
 def test_lightning_ddp_two_processes_are_one(tmp_path):
