@@ -1,5 +1,5 @@
 """examples/accelerate_gradnorm.py: ``accelerator.backward(bal.loss(...))`` (float32 and bf16
-autocast on the CPU) takes exactly the plain loop's steps."""
+autocast on the CPU, gradient accumulation) takes exactly the plain loop's steps."""
 
 from __future__ import annotations
 
@@ -36,9 +36,24 @@ def test_accelerate_steps_are_the_plain_loops(mixed_precision, autocast):
     assert torch.isfinite(bal.weights).all() and (bal.weights - 1).abs().max() > 0.05
 
 
+def test_accelerate_accumulation_is_the_plain_loops_windows():
+    """``Accelerator(gradient_accumulation_steps=2)`` divides the total by 2 in
+    ``accelerator.backward``; ``GradNorm(accumulation_steps=2, caller_divides=True)`` then
+    takes the plain loop's window steps (``bal.backward``, accumulation_steps=2)."""
+    model, bal = example.train(STEPS, BATCH, accumulate=2)
+    net, hand = multitask.train_by_hand(STEPS, BATCH, accumulate=2)
+    assert bal.caller_divides and int(bal.num_steps) == int(hand.num_steps) == STEPS
+    assert torch.equal(bal.weights, hand.weights)
+    assert torch.equal(bal.stats["grad_norm"], hand.stats["grad_norm"])
+    for ours, theirs in zip(model.parameters(), net.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+    assert (hand.weights - 1).abs().max() > 0.05
+
+
 def test_accelerate_script(monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["accelerate_gradnorm.py", "--steps", str(STEPS)])
+    monkeypatch.setattr("sys.argv", ["accelerate_gradnorm.py", "--steps", str(STEPS),
+                                     "--accumulate", "2"])
     example.main()
-    _, hand = multitask.train_by_hand(STEPS, BATCH)
+    _, hand = multitask.train_by_hand(STEPS, BATCH, accumulate=2)
     printed = capsys.readouterr().out.splitlines()[0]
     assert printed == f"weights {[round(w, 6) for w in hand.weights.tolist()]}"
