@@ -120,7 +120,9 @@ def _sqrt_eps(dtype: torch.dtype) -> float:
 
 def gram_factor_array(gram: np.ndarray) -> np.ndarray:
     """``gram_factor`` on a float64 numpy array: L [T, r] with L L^T = G."""
-    lam, vec = np.linalg.eigh(gram)
+    # torch's eigh: numpy's LAPACK (OpenBLAS) starts its own threads from T ~ 64, which on a
+    # busy machine made one call ~50x slower; torch keeps to torch.get_num_threads()
+    lam, vec = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(gram)))
     tol = max(float(lam.max()), 0.0) * gram.shape[0] * np.finfo(np.float64).eps
     keep = lam > tol
     return vec[:, keep] * np.sqrt(lam[keep])

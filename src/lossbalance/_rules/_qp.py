@@ -3,12 +3,12 @@
 The rules' QPs are posed over task weights w with the Gram matrix G as Hessian, which is only
 positive SEMI-definite when the gradients are linearly dependent (fewer coordinates than tasks,
 duplicated or collinear tasks). Each QP below is rewritten as a non-negative least-squares
-problem in the r = rank(G) coordinates of L (L L^T = G, ``_gram.gram_factor``) and solved with
-Lawson & Hanson's active-set algorithm (``scipy.optimize.nnls``): exact to rounding, no
+problem in the r = rank(G) coordinates of L (L L^T = G, ``_gram.gram_factor_array``) and solved
+with Lawson & Hanson's active-set algorithm (``scipy.optimize.nnls``): exact to rounding, no
 regularisation added, and well defined when G is singular. (``quadprog``, which needs a
 strictly convex program, declares e.g. the projection of two opposite 1-d gradients onto
 their dual cone {0} "inconsistent"; torchjd avoids that by adding 1e-4 * I to the
-trace-normalised G, which moves the answer.)
+trace-normalised G, which moves the answer.) Everything here is float64 numpy arrays.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-import torch
-from torch import Tensor
+import numpy as np
 
 EXTRA_HINT = 'pip install "lossbalance[solvers]"'
 
@@ -34,14 +33,14 @@ def require(module: str, rule: str) -> ModuleType:
         ) from err
 
 
-def nnls(A: Tensor, b: Tensor, rule: str) -> Tensor:
+def nnls(A: np.ndarray, b: np.ndarray, rule: str) -> np.ndarray:
     """argmin_{x >= 0} ||A x - b||^2 (float64), by ``scipy.optimize.nnls``."""
     optimize = require("scipy.optimize", rule)
-    x, _ = optimize.nnls(A.numpy(), b.numpy(), maxiter=100 * max(A.shape[1], 1))
-    return torch.from_numpy(x).to(torch.float64)
+    x, _ = optimize.nnls(A, b, maxiter=100 * max(A.shape[1], 1))
+    return x
 
 
-def min_norm_simplex(L: Tensor, rule: str = "MGDA") -> Tensor:
+def min_norm_simplex(L: np.ndarray, rule: str = "MGDA") -> np.ndarray:
     """w* in argmin_{w >= 0, sum w = 1} ||L^T w||^2: the weights of the min-norm point of
     conv{l_i} (the rows of L, i.e. the gradients g_i in r coordinates).
 
@@ -54,28 +53,33 @@ def min_norm_simplex(L: Tensor, rule: str = "MGDA") -> Tensor:
     """
     T, r = L.shape
     if r == 0:
-        return torch.full((T,), 1.0 / T, dtype=torch.float64)
-    A = torch.cat([L.T, torch.ones(1, T, dtype=torch.float64)])
-    b = torch.zeros(r + 1, dtype=torch.float64)
+        return np.full(T, 1.0 / T)
+    A = np.vstack([L.T, np.ones((1, T))])
+    b = np.zeros(r + 1)
     b[-1] = 1.0
     u = nnls(A, b, rule)
     return u / u.sum()
 
 
-def dual_cone_weights(L: Tensor, u: Tensor, rule: str = "UPGrad") -> Tensor:
+def dual_cone_weights(L: np.ndarray, u: np.ndarray, rule: str = "UPGrad") -> np.ndarray:
     """v with L^T v = the projection of L^T u onto the dual cone K = {x : L x >= 0}.
 
     Quinton & Rey (2024), Prop. 1: pi_J(J^T u) = J^T v with v = argmin_{v >= u} v^T G v.
     With v = u + mu, mu >= 0, that is the NNLS problem mu* = argmin_{mu >= 0} ||L^T mu + L^T u||^2
     (Moreau's decomposition: -L^T mu* is the projection onto the polar cone), so v = u + mu*.
-    The direction L^T v is unique; v is unique when G is invertible.
+    The direction L^T v is unique; v is unique when G is invertible. When L L^T u >= 0 already
+    (L^T u is in K) mu* = 0 satisfies the KKT conditions and no QP is solved.
     """
     if L.shape[1] == 0:
-        return u.clone()
-    return u + nnls(L.T.contiguous(), -(L.T @ u), rule)
+        return u.copy()
+    x = L.T @ u
+    if (L @ x).min() >= 0:  # already in the cone: skips the NNLS call (~10-20 us)
+        return u.copy()
+    return u + nnls(L.T, -x, rule)
 
 
-def project_polyhedron(L: Tensor, x0: Tensor, h: Tensor, rule: str) -> Tensor | None:
+def project_polyhedron(L: np.ndarray, x0: np.ndarray, h: np.ndarray,
+                       rule: str) -> np.ndarray | None:
     """mu >= 0 with x0 + L^T mu = the projection of x0 onto {x : L x >= h} (None when empty).
 
     Least-distance programming (Lawson & Hanson 1974, ch. 23): with e = x - x0 the problem is
@@ -85,11 +89,11 @@ def project_polyhedron(L: Tensor, x0: Tensor, h: Tensor, rule: str) -> Tensor | 
     empty.
     """
     f = h - L @ x0
-    A = torch.cat([L.T, f[None, :]])
-    b = torch.zeros(A.shape[0], dtype=torch.float64)
+    A = np.vstack([L.T, f[None, :]])
+    b = np.zeros(A.shape[0])
     b[-1] = 1.0
     u = nnls(A, b, rule)
     slack = 1.0 - float(f @ u)
-    if slack <= 1e-12 * max(1.0, float(f.abs().max()) * float(u.sum())):
+    if slack <= 1e-12 * max(1.0, float(np.abs(f).max()) * float(u.sum())):
         return None
     return u / slack

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from torch import Tensor
 
-from ._gram import check_gram, gram_factor, like
+from ._gram import check_gram_array, gram_factor_array, like_array
 from ._qp import min_norm_simplex
 
 NORMALIZATIONS = ("none", "l2")
@@ -30,12 +30,12 @@ def mgda_weights(gram: Tensor, *, normalize: str = "none") -> Tensor:
 
     Returns alpha [T] in ``gram``'s dtype and device.
     """
-    G = check_gram(gram, "MGDA")
+    G = check_gram_array(gram, "MGDA")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"MGDA: normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if normalize == "l2":
-        n = G.diagonal().sqrt()
-        inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
+        n = np.sqrt(np.diagonal(G))
+        inv = np.divide(1.0, n, out=np.zeros_like(n), where=n > 0)
         G = G * inv[:, None] * inv[None, :]
-    alpha = min_norm_simplex(gram_factor(G), "MGDA")
-    return like(alpha, gram)
+    alpha = min_norm_simplex(gram_factor_array(G), "MGDA")
+    return like_array(alpha, gram)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from torch import Tensor
 
-from ._gram import check_gram, gram_factor, like
+from ._gram import check_gram_array, gram_factor_array, like_array
 from ._qp import dual_cone_weights
 
 
@@ -22,9 +22,9 @@ def upgrad_weights(gram: Tensor) -> Tensor:
 
     Returns c [m] in ``gram``'s dtype and device; the direction is d = sum_i c_i g_i.
     """
-    G = check_gram(gram, "UPGrad")
-    L = gram_factor(G)
+    G = check_gram_array(gram, "UPGrad")
+    L = gram_factor_array(G)
     m = G.shape[0]
-    eye = torch.eye(m, dtype=torch.float64)
+    eye = np.eye(m)
     c = sum(dual_cone_weights(L, eye[i], "UPGrad") for i in range(m)) / m
-    return like(c, gram)
+    return like_array(c, gram)
