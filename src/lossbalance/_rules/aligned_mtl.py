@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram, like
+from ._gram import check_gram_array, like_array
 
 #: the official code's rank cut-off: eigenvalues <= max(lambda) * T * float32 eps are dropped
 RANK_EPS = torch.finfo(torch.float32).eps
@@ -28,13 +29,13 @@ def aligned_mtl_weights(gram: Tensor) -> Tensor:
     Scale: c is invariant to a common scale of the gradients (d scales with it).
     Returns c [T] in ``gram``'s dtype and device.
     """
-    M = check_gram(gram, "Aligned-MTL")
-    T = M.shape[0]
-    lam, V = torch.linalg.eigh(M)
+    M = check_gram_array(gram, "Aligned-MTL")  # numpy around torch's eigh (numpy's LAPACK
+    T = M.shape[0]                             # starts threads at T ~ 64): ~1 us an op
+    lam, V = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(M)))
     tol = float(lam.max()) * T * RANK_EPS
     keep = lam > tol
-    if not bool(keep.any()):
-        return like(torch.ones(T, dtype=torch.float64), gram)
+    if not keep.any():
+        return like_array(np.ones(T), gram)
     lam, V = lam[keep], V[:, keep]
-    B = lam.min().sqrt() * (V / lam.sqrt()) @ V.T
-    return like(B.sum(dim=1), gram)
+    B = np.sqrt(lam.min()) * (V / np.sqrt(lam)) @ V.T
+    return like_array(B.sum(axis=1), gram)

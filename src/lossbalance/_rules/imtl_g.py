@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram, like
+from ._gram import check_gram_array, like_array
 
 
 def imtl_g_weights(gram: Tensor) -> Tensor:
@@ -24,18 +25,18 @@ def imtl_g_weights(gram: Tensor) -> Tensor:
 
     Returns alpha [T] in ``gram``'s dtype and device.
     """
-    G = check_gram(gram, "IMTL-G")
+    G = check_gram_array(gram, "IMTL-G")  # numpy: ~1 us an op instead of torch's ~5-10
     T = G.shape[0]
-    alpha = torch.zeros(T, dtype=torch.float64)
-    live = (G.diagonal() > 0).nonzero().flatten()
+    alpha = np.zeros(T)
+    live = np.flatnonzero(np.diagonal(G) > 0)
     if len(live) == 0:
-        return like(torch.full((T,), 1.0 / T, dtype=torch.float64), gram)
-    Gl = G[live][:, live]
-    n = Gl.diagonal().sqrt()
+        return like_array(np.full(T, 1.0 / T), gram)
+    Gl = G[np.ix_(live, live)]
+    n = np.sqrt(np.diagonal(Gl))
     # columns of G / n: <g_a, u_b> = G_ab / n_b
     P = Gl / n[None, :]
     g1U = P[0, 0] - P[0, 1:]                                       # g_1 . (u_1 - u_b)
     DU = P[0, 0] - P[0, 1:][None, :] - P[1:, 0][:, None] + P[1:, 1:]  # (g_1 - g_a).(u_1 - u_b)
-    rest = g1U @ torch.linalg.pinv(DU)
-    alpha[live] = torch.cat([(1 - rest.sum()).reshape(1), rest])
-    return like(alpha, gram)
+    rest = g1U @ torch.linalg.pinv(torch.from_numpy(DU)).numpy()  # torch's cut-off, threads
+    alpha[live] = np.concatenate([[1 - rest.sum()], rest])
+    return like_array(alpha, gram)

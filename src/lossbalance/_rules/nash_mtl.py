@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram, like
+from ._gram import check_gram_array, like_array
 
 
 def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: float = 1.0,
@@ -36,7 +37,7 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
     gradients, e.g. two opposite gradients, or a zero gradient): then a ValueError.
     Returns alpha [T] in ``gram``'s dtype and device.
     """
-    G = check_gram(gram, "Nash-MTL")
+    G = check_gram_array(gram, "Nash-MTL")
     T = G.shape[0]
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
             or not math.isfinite(max_norm) or max_norm < 0:
@@ -44,23 +45,24 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
     if isinstance(optim_niter, bool) or not isinstance(optim_niter, int) or optim_niter < 1:
         raise ValueError(f"Nash-MTL: optim_niter must be an int >= 1, got {optim_niter!r}")
     if previous is None:
-        alpha = torch.ones(T, dtype=torch.float64)
+        alpha = np.ones(T)
     else:
         if not isinstance(previous, Tensor) or previous.shape != (T,):
             shape = list(previous.shape) if isinstance(previous, Tensor) else type(previous)
             raise ValueError(f"Nash-MTL: previous must be a tensor of shape [{T}], got {shape}")
-        alpha = previous.detach().to(device="cpu", dtype=torch.float64)
-        if not bool(torch.isfinite(alpha).all()) or bool((alpha <= 0).any()):
+        alpha = previous.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
+        if not np.isfinite(alpha).all() or (alpha <= 0).any():
             raise ValueError(f"Nash-MTL: previous must be finite and > 0, got {alpha.tolist()}")
-    zero = (G.diagonal() <= 0).nonzero().flatten()
+    zero = np.flatnonzero(np.diagonal(G) <= 0)
     if len(zero):
         raise ValueError(
             f"Nash-MTL: task {int(zero[0])} has a zero gradient (gram[{int(zero[0])}, "
             f"{int(zero[0])}] = 0): G alpha = 1/alpha has no solution"
         )
 
-    def F(a: Tensor) -> float:
-        return float(0.5 * a @ G @ a - a.log().sum())
+    # numpy instead of torch: ~1 us a call instead of ~5-10 (T = 10: ~0.7 ms -> ~0.2 ms)
+    def F(a: np.ndarray) -> float:
+        return float(0.5 * a @ G @ a - np.log(a).sum())
 
     quad = float(alpha @ G @ alpha)
     if quad <= 0:
@@ -68,20 +70,20 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
     alpha = alpha * math.sqrt(T / quad)  # argmin_k F(k alpha)
     for _ in range(optim_niter):
         grad = G @ alpha - 1 / alpha
-        hess = G + torch.diag(1 / alpha**2)
-        step = torch.linalg.solve(hess, grad)
+        hess = G + np.diag(1 / alpha**2)
+        step = np.linalg.solve(hess, grad)
         decrement2 = float(grad @ step)
         if decrement2 <= 1e-24 * T:
             break
         t = 1.0
-        while bool((alpha - t * step <= 0).any()):
+        while (alpha - t * step <= 0).any():
             t *= 0.5
         if decrement2 > 0.1:  # damped phase: backtracking (Armijo) on F
             f0 = F(alpha)
             while F(alpha - t * step) > f0 - 0.25 * t * decrement2 and t > 1e-10:
                 t *= 0.5
         alpha = alpha - t * step
-    if not bool(torch.isfinite(alpha).all()) or float(((G @ alpha) * alpha - 1).abs().max()) > 1e-3:
+    if not np.isfinite(alpha).all() or float(np.abs((G @ alpha) * alpha - 1).max()) > 1e-3:
         raise ValueError(
             "Nash-MTL: G alpha = 1/alpha has no solution for this Gram matrix (0 lies in the "
             "cone of the gradients) or was not reached in optim_niter steps"
@@ -90,4 +92,4 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
         norm = math.sqrt(max(float(alpha @ G @ alpha), 0.0))
         if norm > max_norm:
             alpha = alpha * (max_norm / norm)
-    return like(alpha, gram)
+    return like_array(alpha, gram)
