@@ -31,9 +31,10 @@ def cagrad_weights(gram: Tensor, *, c: float = 0.5, rescale: int = 1) -> Tensor:
     coefficients = 1/K + mu. The distance grows with v; on each piece where the set A of the
     active constraints (mu_i > 0) is fixed, the projection is onto the affine set
     {d : <g_i, d> = v, i in A}, so dist^2 is a quadratic in v. The root search keeps a bracket
-    [lo, hi] (dist <= r at lo, > r or P(v) empty at hi) and tries, from the last projection's
-    A, the root of that quadratic (exact when A is the active set at v*), bisecting when it
-    falls outside the bracket, until |dist - r| <= 1e-13 r or the bracket is 1e-12 of |v|'s
+    [lo, hi] (dist <= r at lo, > r or P(v) empty at hi) and tries, from the A of the end
+    nearer to the root (in |dist - r|), the root of that quadratic (exact when A is the active
+    set at v*), bisecting when it falls outside the bracket, until |dist - r| <= 1e-12 r, the
+    quadratic's root is an end of the bracket to rounding, or the bracket is 1e-12 of |v|'s
     range (then its lower end).
     Wherever the dual's minimiser has g_w* != 0 this is its d* (mu = r w* / ||g_w*||), also
     when 0 lies in the hull of the g_i. Where g_w* = 0 (0 in the hull and r large enough, e.g.
@@ -73,7 +74,9 @@ def _max_min_projection(L: np.ndarray, g0: np.ndarray, radius: float) -> np.ndar
         return (math.inf, None) if mu is None else (float(np.linalg.norm(L.T @ mu)) - radius, mu)
 
     lo = float(a.min())                     # d = g_0 reaches v = min_i <g_i, g_0>
-    hi = float(a.max()) + radius * float(norms.max())  # no d in the ball does better
+    # <g_i, d> <= <g_i, g_0> + r ||g_i|| in the ball, for each i: a tighter hi than the old
+    # max_i <g_i, g_0> + r max_i ||g_i|| (T = 10: ~7 projections a call -> 2-3)
+    hi = float((a + radius * norms).min())
     # 0 in the hull: min_i <g_i, d> <= 0 for every d (only possible when some <g_i, g_0> <= 0,
     # which skips MGDA's NNLS call otherwise)
     if lo <= 0 and float(np.linalg.norm(L.T @ min_norm_simplex(L, "CAGrad"))) \
@@ -83,24 +86,27 @@ def _max_min_projection(L: np.ndarray, g0: np.ndarray, radius: float) -> np.ndar
     if gap <= 0:
         return mu
     span = max(abs(lo), abs(hi), 1e-300)
-    ends = {"lo": (-radius, np.zeros(K)), "hi": (gap, mu)}  # (dist - r, mu) at each end
-    # the affine-piece root instead of Brent's method: ~6 NNLS calls per call instead of ~30
+    ends = {"lo": (-radius, np.zeros(K), lo), "hi": (gap, mu, hi)}  # (dist - r, mu, v)
+    # the affine-piece root instead of Brent's method: ~4 NNLS calls per call instead of ~30
     for step in range(300):
         v = None
         if step % 4 != 3:  # every 4th step bisects: the bracket halves at least that often
-            for _, end_mu in sorted(ends.values(), key=lambda e: abs(e[0])):  # nearer end first
-                if end_mu is not None and v is None:
-                    v = _piece_root(L, a, end_mu, radius)
-                    v = v if v is not None and lo < v < hi else None
+            for _, end_mu, end_v in sorted(ends.values(), key=lambda e: abs(e[0])):
+                root = None if end_mu is None else _piece_root(L, a, end_mu, radius)
+                if root is not None and abs(root - end_v) <= 1e-14 * span:
+                    return end_mu  # that end is the root already, to rounding
+                if root is not None and lo < root < hi:
+                    v = root
+                    break
         if v is None:
             v = 0.5 * (lo + hi)
         gap, mu = project(v)
-        if abs(gap) <= 1e-13 * radius:
+        if abs(gap) <= 1e-12 * radius:
             return mu
         if gap < 0:
-            lo, ends["lo"] = v, (gap, mu)
+            lo, ends["lo"] = v, (gap, mu, v)
         else:
-            hi, ends["hi"] = v, (gap, mu)
+            hi, ends["hi"] = v, (gap, mu, v)
         if hi - lo <= 1e-12 * span:  # closer to an empty P(v) NNLS loses digits (0 in the hull)
             break
     return ends["lo"][1]
