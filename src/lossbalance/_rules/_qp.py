@@ -3,7 +3,7 @@
 The rules' QPs are posed over task weights w with the Gram matrix G as Hessian, which is only
 positive SEMI-definite when the gradients are linearly dependent (fewer coordinates than tasks,
 duplicated or collinear tasks). Each QP below is rewritten as a non-negative least-squares
-problem in the r = rank(G) coordinates of L (L L^T = G, ``_gram.gram_factor_array``) and solved
+problem in the r = rank(G) coordinates of L (L L^T = G, ``_gram.gram_factor``) and solved
 with Lawson & Hanson's active-set algorithm (``scipy.optimize.nnls``): exact to rounding, no
 regularisation added, and well defined when G is singular. (``quadprog``, which needs a
 strictly convex program, declares e.g. the projection of two opposite 1-d gradients onto

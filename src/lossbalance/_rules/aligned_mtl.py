@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram_array, like_array
+from ._gram import check_gram, like
 
 #: the official code's rank cut-off: eigenvalues <= max(lambda) * T * float32 eps are dropped
 RANK_EPS = torch.finfo(torch.float32).eps
@@ -29,13 +29,14 @@ def aligned_mtl_weights(gram: Tensor) -> Tensor:
     Scale: c is invariant to a common scale of the gradients (d scales with it).
     Returns c [T] in ``gram``'s dtype and device.
     """
-    M = check_gram_array(gram, "Aligned-MTL")  # numpy around torch's eigh (numpy's LAPACK
-    T = M.shape[0]                             # starts threads at T ~ 64): ~1 us an op
+    M = check_gram(gram, "Aligned-MTL")  # numpy: ~1 us an op against torch's ~5-10
+    T = M.shape[0]
+    # torch's eigh: numpy's LAPACK starts its own threads at T ~ 64 (see _gram.gram_factor)
     lam, V = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(M)))
     tol = float(lam.max()) * T * RANK_EPS
     keep = lam > tol
     if not keep.any():
-        return like_array(np.ones(T), gram)
+        return like(np.ones(T), gram)
     lam, V = lam[keep], V[:, keep]
     B = np.sqrt(lam.min()) * (V / np.sqrt(lam)) @ V.T
-    return like_array(B.sum(axis=1), gram)
+    return like(B.sum(axis=1), gram)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from torch import Tensor
 
-from ._gram import check_gram_array, gram_factor_array, like_array
+from ._gram import check_gram, gram_factor, like
 from ._qp import min_norm_simplex, project_polyhedron
 
 RESCALES = (0, 1, 2)
@@ -44,7 +44,7 @@ def cagrad_weights(gram: Tensor, *, c: float = 0.5, rescale: int = 1) -> Tensor:
 
     Returns the coefficients [K] in ``gram``'s dtype and device.
     """
-    G = check_gram_array(gram, "CAGrad")
+    G = check_gram(gram, "CAGrad")
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
         raise ValueError(f"CAGrad: c must be a finite number >= 0, got {c!r}")
     if rescale not in RESCALES or isinstance(rescale, bool):
@@ -52,13 +52,13 @@ def cagrad_weights(gram: Tensor, *, c: float = 0.5, rescale: int = 1) -> Tensor:
     K = G.shape[0]
     divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
     b = np.full(K, 1.0 / K)
-    L = gram_factor_array(G)                # row i: g_i in r = rank(G) coordinates
+    L = gram_factor(G)                # row i: g_i in r = rank(G) coordinates
     g0 = L.T @ b
     radius = c * float(np.linalg.norm(g0))
     if radius <= 0:
-        return like_array(b / divisor, gram)
+        return like(b / divisor, gram)
     mu = _max_min_projection(L, g0, radius)
-    return like_array((b + mu) / divisor, gram)
+    return like((b + mu) / divisor, gram)
 
 
 def _max_min_projection(L: np.ndarray, g0: np.ndarray, radius: float) -> np.ndarray:

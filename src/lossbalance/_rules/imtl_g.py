@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram_array, like_array
+from ._gram import check_gram, like
 
 
 def imtl_g_weights(gram: Tensor) -> Tensor:
@@ -25,12 +25,12 @@ def imtl_g_weights(gram: Tensor) -> Tensor:
 
     Returns alpha [T] in ``gram``'s dtype and device.
     """
-    G = check_gram_array(gram, "IMTL-G")  # numpy: ~1 us an op instead of torch's ~5-10
+    G = check_gram(gram, "IMTL-G")  # numpy: ~1 us an op instead of torch's ~5-10
     T = G.shape[0]
     alpha = np.zeros(T)
     live = np.flatnonzero(np.diagonal(G) > 0)
     if len(live) == 0:
-        return like_array(np.full(T, 1.0 / T), gram)
+        return like(np.full(T, 1.0 / T), gram)
     Gl = G[np.ix_(live, live)]
     n = np.sqrt(np.diagonal(Gl))
     # columns of G / n: <g_a, u_b> = G_ab / n_b
@@ -39,4 +39,4 @@ def imtl_g_weights(gram: Tensor) -> Tensor:
     DU = P[0, 0] - P[0, 1:][None, :] - P[1:, 0][:, None] + P[1:, 1:]  # (g_1 - g_a).(u_1 - u_b)
     rest = g1U @ torch.linalg.pinv(torch.from_numpy(DU)).numpy()  # torch's cut-off, threads
     alpha[live] = np.concatenate([[1 - rest.sum()], rest])
-    return like_array(alpha, gram)
+    return like(alpha, gram)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from ._gram import check_gram_array, gram_factor_array, like_array
+from ._gram import check_gram, gram_factor, like
 from ._qp import min_norm_simplex
 
 NORMALIZATIONS = ("none", "l2")
@@ -17,8 +17,8 @@ def mgda_weights(gram: Tensor, *, normalize: str = "none") -> Tensor:
     Sener & Koltun (2018), Eq. 3 (and Algorithm 2, the Frank-Wolfe solver for it):
         alpha = argmin_{alpha >= 0, sum_t alpha^t = 1} || sum_t alpha^t g_t ||^2,
     the min-norm point of the convex hull of the gradients; the update direction is
-    d = sum_t alpha^t g_t. Solved exactly (``_qp.min_norm_simplex``: a least-distance QP with
-    ``quadprog``), not with Frank-Wolfe's finite iterations, so d is the min-norm point to
+    d = sum_t alpha^t g_t. Solved exactly (``_qp.min_norm_simplex``: a least-distance QP as
+    NNLS), not with Frank-Wolfe's finite iterations, so d is the min-norm point to
     rounding. When several alpha give the same point (linearly dependent gradients) one of them
     is returned; d is unique.
 
@@ -30,12 +30,12 @@ def mgda_weights(gram: Tensor, *, normalize: str = "none") -> Tensor:
 
     Returns alpha [T] in ``gram``'s dtype and device.
     """
-    G = check_gram_array(gram, "MGDA")
+    G = check_gram(gram, "MGDA")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"MGDA: normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if normalize == "l2":
         n = np.sqrt(np.diagonal(G))
         inv = np.divide(1.0, n, out=np.zeros_like(n), where=n > 0)
         G = G * inv[:, None] * inv[None, :]
-    alpha = min_norm_simplex(gram_factor_array(G), "MGDA")
-    return like_array(alpha, gram)
+    alpha = min_norm_simplex(gram_factor(G), "MGDA")
+    return like(alpha, gram)

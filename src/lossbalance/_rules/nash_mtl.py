@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram_array, like_array
+from ._gram import check_gram, like
 
 
 def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: float = 1.0,
@@ -37,7 +37,7 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
     gradients, e.g. two opposite gradients, or a zero gradient): then a ValueError.
     Returns alpha [T] in ``gram``'s dtype and device.
     """
-    G = check_gram_array(gram, "Nash-MTL")
+    G = check_gram(gram, "Nash-MTL")
     T = G.shape[0]
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
             or not math.isfinite(max_norm) or max_norm < 0:
@@ -92,4 +92,4 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
         norm = math.sqrt(max(float(alpha @ G @ alpha), 0.0))
         if norm > max_norm:
             alpha = alpha * (max_norm / norm)
-    return like_array(alpha, gram)
+    return like(alpha, gram)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._gram import check_gram_array, like_array
+from ._gram import check_gram, like
 
 
 def pcgrad_orders(num_tasks: int, generator: torch.Generator | None = None) -> list[Tensor]:
@@ -29,7 +29,7 @@ def pcgrad_coefficients(gram: Tensor, orders: Sequence[Tensor]) -> Tensor:
     g_i^PC . g_j = (G w_i)_j, and a projection subtracts (G w_i)_j / G_jj from w_ij.
     Returns c = sum_i w_i (float64, CPU); a zero gradient g_j (G_jj = 0) is never projected on.
     """
-    G = check_gram_array(gram, "PCGrad")
+    G = check_gram(gram, "PCGrad")
     T = G.shape[0]
     if len(orders) != T:
         raise ValueError(f"PCGrad: {len(orders)} task orders for T = {T} tasks")
@@ -78,8 +78,8 @@ def pcgrad_weights(gram: Tensor, *, generator: torch.Generator | None = None) ->
 
     Returns c [T] in ``gram``'s dtype and device.
     """
-    G = check_gram_array(gram, "PCGrad")
+    G = check_gram(gram, "PCGrad")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"PCGrad: generator must be a torch.Generator or None, got {generator!r}")
     orders = pcgrad_orders(G.shape[0], generator)  # randperm's permutations: no check needed
-    return like_array(_coefficients(G, torch.stack(orders).numpy()), gram)
+    return like(_coefficients(G, torch.stack(orders).numpy()), gram)

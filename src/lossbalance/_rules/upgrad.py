@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from ._gram import check_gram_array, gram_factor_array, like_array
+from ._gram import check_gram, gram_factor, like
 from ._qp import dual_cone_weights
 
 
@@ -18,13 +18,14 @@ def upgrad_weights(gram: Tensor) -> Tensor:
         A_UPGrad(J) = 1/m sum_i pi_J(g_i).
     By their Prop. 1, pi_J(J^T u) = J^T v with v = argmin_{v >= u} v^T G v, so the coefficients
     are c = 1/m sum_i v_i with v_i the dual-cone weights of e_i (``_qp.dual_cone_weights``, one
-    exact QP per task with ``quadprog``; no Gram normalisation or regularisation added).
+    exact QP per task as NNLS, none where e_i's projection is itself, i.e. G e_i >= 0; no Gram
+    normalisation or regularisation added).
 
     Returns c [m] in ``gram``'s dtype and device; the direction is d = sum_i c_i g_i.
     """
-    G = check_gram_array(gram, "UPGrad")
-    L = gram_factor_array(G)
+    G = check_gram(gram, "UPGrad")
+    L = gram_factor(G)
     m = G.shape[0]
     eye = np.eye(m)
     c = sum(dual_cone_weights(L, eye[i], "UPGrad") for i in range(m)) / m
-    return like_array(c, gram)
+    return like(c, gram)
