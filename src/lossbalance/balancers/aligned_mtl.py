@@ -24,8 +24,9 @@ class AlignedMTL(Aggregator):
     """Aligned multi-task learning (Algorithm 1), from the Gram matrix.
 
     Args: those of ``Aggregator`` (``num_tasks``, ``task_names``, ``on_nonfinite``,
-    ``distributed``, ``accumulation_steps``, ``general_path``); the method has no option
-    (unit task weights, as the official code). ``weights``: the last c = B 1.
+    ``distributed``, ``accumulation_steps``, ``general_path``, ``caller_divides``); the
+    method has no option (unit task weights, as the official code). ``weights``: the last
+    c = B 1.
     """
 
     def _coefficients(self, gram: Tensor, values: Tensor) -> Tensor:

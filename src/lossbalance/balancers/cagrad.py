@@ -38,7 +38,7 @@ class CAGrad(Aggregator):
         rescale: 1 (default, the official code's): d divided by 1 + c^2; 2: by 1 + c;
             0: not divided.
         **kwargs: ``task_names``, ``on_nonfinite``, ``distributed``, ``accumulation_steps``,
-            ``general_path``: see ``Aggregator``.
+            ``general_path``, ``caller_divides``: see ``Aggregator``.
 
     Needs the ``solvers`` extra (scipy). ``weights``: the last coefficients of d.
     """

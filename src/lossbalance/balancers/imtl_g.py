@@ -23,7 +23,8 @@ class IMTLG(Aggregator):
     """Impartial multi-task learning's gradient balancing (IMTL-G, closed form).
 
     Args: those of ``Aggregator`` (``num_tasks``, ``task_names``, ``on_nonfinite``,
-    ``distributed``, ``accumulation_steps``, ``general_path``); the method has no option.
+    ``distributed``, ``accumulation_steps``, ``general_path``, ``caller_divides``); the
+    method has no option.
     ``weights``: the last alpha (summing to 1).
     """
 

@@ -34,7 +34,7 @@ class MGDA(Aggregator):
             normalisation (not in the paper): c solved for g_i / ||g_i||, applied to the
             g_i themselves.
         **kwargs: ``task_names``, ``on_nonfinite``, ``distributed``, ``accumulation_steps``,
-            ``general_path``: see ``Aggregator``.
+            ``general_path``, ``caller_divides``: see ``Aggregator``.
 
     Needs the ``solvers`` extra (scipy). ``weights``/``stats["weight"]``: the last c (on the
     simplex); ``stats["gram"]``: G.

@@ -37,7 +37,7 @@ class NashMTL(Aggregator):
         optim_niter: at most this many Newton steps a step (20: the official code's bound on
             its sequence of convex problems).
         **kwargs: ``task_names``, ``on_nonfinite``, ``distributed``, ``accumulation_steps``,
-            ``general_path``: see ``Aggregator``.
+            ``general_path``, ``caller_divides``: see ``Aggregator``.
 
     The last alpha is kept (the ``previous`` warm start, in ``state_dict``); ``weights``:
     the last alpha. The official code's ``update_weights_every`` (1 by default) is not an

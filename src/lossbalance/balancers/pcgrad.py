@@ -34,7 +34,7 @@ class PCGrad(Aggregator):
             generator (``torch.manual_seed`` before construction makes the run repeatable).
             Under DDP give every process the same seed: the orders must agree.
         **kwargs: ``task_names``, ``on_nonfinite``, ``distributed``, ``accumulation_steps``,
-            ``general_path``: see ``Aggregator``.
+            ``general_path``, ``caller_divides``: see ``Aggregator``.
 
     ``weights``: the last c (1 where a task's gradient was not projected and nothing was
     projected onto it).

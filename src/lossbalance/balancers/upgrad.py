@@ -27,7 +27,8 @@ class UPGrad(Aggregator):
     """Unconflicting projection of gradients (Eq. 5), from the Gram matrix.
 
     Args: those of ``Aggregator`` (``num_tasks``, ``task_names``, ``on_nonfinite``,
-    ``distributed``, ``accumulation_steps``, ``general_path``); the method has no option.
+    ``distributed``, ``accumulation_steps``, ``general_path``, ``caller_divides``); the
+    method has no option.
     Needs the ``solvers`` extra (scipy). ``weights``: the last c.
     """
 
