@@ -73,7 +73,7 @@ def dual_cone_weights(L: np.ndarray, u: np.ndarray, rule: str = "UPGrad") -> np.
     if L.shape[1] == 0:
         return u.copy()
     x = L.T @ u
-    if (L @ x).min() >= 0:  # already in the cone: skips the NNLS call (~10-20 us)
+    if (L @ x).min() >= 0:  # already in the cone: skips the NNLS call (26 us at T = 10)
         return u.copy()
     return u + nnls(L.T, -x, rule)
 

@@ -75,7 +75,7 @@ def _max_min_projection(L: np.ndarray, g0: np.ndarray, radius: float) -> np.ndar
 
     lo = float(a.min())                     # d = g_0 reaches v = min_i <g_i, g_0>
     # <g_i, d> <= <g_i, g_0> + r ||g_i|| in the ball, for each i: a tighter hi than the old
-    # max_i <g_i, g_0> + r max_i ||g_i|| (T = 10: ~7 projections a call -> 2-3)
+    # max_i <g_i, g_0> + r max_i ||g_i|| (T = 10: 3-8 projections a call -> 2-3)
     hi = float((a + radius * norms).min())
     # 0 in the hull: min_i <g_i, d> <= 0 for every d (only possible when some <g_i, g_0> <= 0,
     # which skips MGDA's NNLS call otherwise)
@@ -87,7 +87,8 @@ def _max_min_projection(L: np.ndarray, g0: np.ndarray, radius: float) -> np.ndar
         return mu
     span = max(abs(lo), abs(hi), 1e-300)
     ends = {"lo": (-radius, np.zeros(K), lo), "hi": (gap, mu, hi)}  # (dist - r, mu, v)
-    # the affine-piece root instead of Brent's method: ~4 NNLS calls per call instead of ~30
+    # the affine-piece root instead of Brent's method: per call 1-2 / 2-3 / 3-4 projections at
+    # T = 2 / 10 / 64 instead of 8-18 / 10-11 / 12-21 (benchmarks/rules_speed.py's matrices)
     for step in range(300):
         v = None
         if step % 4 != 3:  # every 4th step bisects: the bracket halves at least that often

@@ -35,7 +35,7 @@ def pcgrad_coefficients(gram: Tensor, orders: Sequence[Tensor]) -> Tensor:
         raise ValueError(f"PCGrad: {len(orders)} task orders for T = {T} tasks")
     table = np.empty((T, T), dtype=np.int64)
     for i in range(T):
-        order = orders[i].tolist() if isinstance(orders[i], Tensor) else list(orders[i])
+        order = orders[i].tolist() if isinstance(orders[i], Tensor) else [int(j) for j in orders[i]]
         if sorted(order) != list(range(T)):
             raise ValueError(
                 f"PCGrad: orders[{i}] must be a permutation of 0..{T - 1}, got {order}"
@@ -49,7 +49,7 @@ def _coefficients(G: np.ndarray, table: np.ndarray) -> np.ndarray:
 
     The T tasks' projection sequences are independent, so step k runs for all of them at
     once (task i meets j = table[i, k]): T vectorised steps instead of T (T - 1) scalar ones
-    (T = 10: ~3.4 ms -> ~0.1 ms per call, benchmarks/rules_speed.py).
+    (T = 10: 1650 -> 239 us a call, T = 64: 124 -> 1.1 ms; benchmarks/rules_speed.py).
     """
     T = G.shape[0]
     rows = np.arange(T)
