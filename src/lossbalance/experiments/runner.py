@@ -26,6 +26,9 @@ Methods (``--methods``):
   ``famo-next``: ``lb.FAMO(T)``, the logits stepped from the next step's losses (no extra
   forward).
 - ``imtl-l``: ``lb.IMTLL(T)``, learned loss scales trained by the model's optimizer.
+- ``mgda``, ``pcgrad`` (seed = the run's), ``cagrad``, ``imtl-g``, ``nash-mtl``, ``aligned-mtl``,
+  ``upgrad``: the aggregation methods with their papers' defaults, the tap taken and the Gram
+  matrix formed at the study's shared tensor (their weight columns are the coefficients c).
 - ``db-mtl``: ``lb.DBMTL(T)`` at the study's shared tensor (the paper's and official code's
   defaults); its weight columns are alpha_i = max_j ||ghat_j|| / ||ghat_i||, its grad_norm
   columns ||grad_W log L_i|| = ||grad_W (w_i L_i)|| with w_i = 1 / L_i.
@@ -148,6 +151,16 @@ METHOD_SPECS: dict[str, Method] = {
     "imtl-l": Method(lambda study, run, options: lb.IMTLL(study.num_tasks)),
     "db-mtl": Method(lambda study, run, options: lb.DBMTL(study.num_tasks), shared=True,
                      reports_grad_norms=True),
+    # the aggregation methods, with the tap and the Gram matrix at the study's shared tensor
+    "mgda": Method(lambda study, run, options: lb.MGDA(study.num_tasks), shared=True),
+    "pcgrad": Method(lambda study, run, options: lb.PCGrad(study.num_tasks, seed=run.seed),
+                     shared=True),
+    "cagrad": Method(lambda study, run, options: lb.CAGrad(study.num_tasks), shared=True),
+    "imtl-g": Method(lambda study, run, options: lb.IMTLG(study.num_tasks), shared=True),
+    "nash-mtl": Method(lambda study, run, options: lb.NashMTL(study.num_tasks), shared=True),
+    "aligned-mtl": Method(lambda study, run, options: lb.AlignedMTL(study.num_tasks),
+                          shared=True),
+    "upgrad": Method(lambda study, run, options: lb.UPGrad(study.num_tasks), shared=True),
 }
 
 METHODS = ("single", *METHOD_SPECS)
@@ -371,8 +384,8 @@ def train_run(study: Study, run: Run, data: Any, options: Options,
             assert spec is not None
             norms = None
             if logging and not spec.reports_grad_norms:
-                # ||grad_W L_i||, times the w_i of the step below: ||grad_W (w_i L_i)|| for
-                # every method, so the columns compare.
+                # ||grad_W L_i||, times |w_i| of the step below: ||grad_W (w_i L_i)|| for
+                # every method, so the columns compare (IMTL-G's c_i may be negative).
                 norms = per_task_norms(losses, shared)
             kwargs: dict[str, Any] = {}
             if spec.shared:
@@ -384,7 +397,7 @@ def train_run(study: Study, run: Run, data: Any, options: Options,
             if spec.reports_grad_norms:
                 grad_norms = bal.stats["grad_norm"]
             elif norms is not None:
-                grad_norms = norms * weights.to(values)
+                grad_norms = norms * weights.to(values).abs()
         opt.step()
         if spec is not None and spec.after_step is not None:
             spec.after_step(bal, StepContext(study, model, batch, tasks, step))
