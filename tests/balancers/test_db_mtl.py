@@ -319,3 +319,26 @@ def test_grad_scaler_scale_is_divided_out():
     torch.testing.assert_close(scaled.grad_ema, bal.grad_ema, rtol=0, atol=0)
     for a, b in zip(net.parameters(), net_s.parameters(), strict=True):
         torch.testing.assert_close(b.grad / 2.0 ** 10, a.grad, **F64)
+
+
+def test_caller_divides_loss_over_k_equals_backward_bit_for_bit():
+    # a trainer's accumulation backpropagates bal.loss(...) / k (k = 2: 1/k exact)
+    net, x, ys = make(3)
+    net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
+    bal_a = lb.DBMTL(3, accumulation_steps=2).double()
+    bal_b = lb.DBMTL(3, accumulation_steps=2, caller_divides=True).double()
+    for _ in range(3):
+        net_a.zero_grad()
+        net_b.zero_grad()
+        for m in range(2):
+            rows = slice(8 * m, 8 * m + 8)
+            bal_a.backward(_losses(net_a, x[rows], [y[rows] for y in ys]),
+                           shared_params(net_a, "W"))
+            total = bal_b.loss(_losses(net_b, x[rows], [y[rows] for y in ys]),
+                               shared_params(net_b, "W"))
+            (total / 2).backward()
+        assert torch.equal(bal_a.grad_ema, bal_b.grad_ema)
+        assert torch.equal(bal_a.weights, bal_b.weights)
+        for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
+            assert torch.equal(pa.grad, pb.grad)
+    assert int(bal_b.num_steps) == 3

@@ -58,7 +58,7 @@ from .. import _checks, _graph
 from .._combine import Window, mean_over_processes
 from .._taps import Site, measure_general, row_norms
 from .base import Balancer, SharedLike, _like, _set
-from .gradnorm import _Deferred
+from .gradnorm import _Deferred, arrived_scale
 
 
 class _Pending:
@@ -70,11 +70,13 @@ class _Pending:
         self.bal, self.values, self.vectors, self.norms = bal, values, vectors, norms
         self.shared = shared
         self.scale: Tensor | None = None
+        self.factor = bal.accumulation_steps if bal._undivided else 1
 
     def arrived(self, grad: Tensor) -> None:
         if self.scale is not None:  # a second backward through the graph: nothing again
             return
-        self.scale = grad.detach()
+        # a loss() total under caller_divides was divided by k by the caller: grad = s/k
+        self.scale = arrived_scale(grad, self.factor)
         try:
             self.bal._finish(self)
         finally:
@@ -105,6 +107,10 @@ class DBMTL(Balancer):
         accumulation_steps: k micro-batches per optimizer step (see the module docstring).
         general_path: "loop" (default, one ``autograd.grad`` per task) or "batched" (one
             vmapped call) for the per-task gradients.
+        caller_divides: concerns ``loss()`` inside an accumulation window only, as for
+            ``Aggregator``: True when whoever backpropagates the total divides it by k
+            itself (Lightning's ``accumulate_grad_batches``, Accelerate's
+            ``gradient_accumulation_steps``); the total is then returned undivided.
 
     ``backward(losses, shared=params)`` needs ``shared``: the shared parameters theta (a
     tensor, a list, or a module). ``tap(h)`` returns h for every head and changes nothing
@@ -127,6 +133,7 @@ class DBMTL(Balancer):
         distributed: bool | Any | None = None,
         accumulation_steps: int = 1,
         general_path: str = "loop",
+        caller_divides: bool = False,
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
@@ -146,6 +153,8 @@ class DBMTL(Balancer):
         if general_path not in ("loop", "batched"):
             raise ValueError(f"general_path must be 'loop' or 'batched', got {general_path!r}")
         self.general_path = general_path
+        self.caller_divides = _checks.check_bool("caller_divides", caller_divides)
+        self._undivided = False  # this call's total is undivided (loss() under caller_divides)
         self._window = Window(accumulation_steps)
         self.register_buffer("task_weights", torch.ones(num_tasks))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
@@ -164,12 +173,16 @@ class DBMTL(Balancer):
         other parameter the gradient of sum_i log(L_i + eps). ``grad_scaler``: the backward
         runs on the scaled total, and d is scaled alike. Returns sum_i log(L_i + eps)
         (detached; 1/k of it in an accumulation window)."""
+        _set(self, "_undivided", False)  # backward divides a window's total by k itself
         return super().backward(losses, shared, grad_scaler=grad_scaler, **signals)
 
     def loss(self, losses: _checks.LossesLike, shared: SharedLike = None,
              **signals: Any) -> Tensor:
         """The total (value sum_i log(L_i + eps)) whose ordinary backward does what
-        ``backward`` does; the EMA and ``weights`` change in that backward only."""
+        ``backward`` does; the EMA and ``weights`` change in that backward only. In a
+        window it is 1/k of the call's sum_i log(L_i + eps), or undivided with
+        ``caller_divides=True``."""
+        _set(self, "_undivided", self.caller_divides and self.accumulation_steps > 1)
         return super().loss(losses, shared, **signals)
 
     # ------------------------------------------------------------------ the step
@@ -220,13 +233,15 @@ class DBMTL(Balancer):
             self._nonfinite(bad, norms)
             if window:
                 self._window.add_skipped()
-            return logs.sum() / k  # no backward
+            return logs.sum() if self._undivided else logs.sum() / k  # no backward
         if window:
             vectors, norms = vectors.div_(k), norms / k
         pending = _Pending(self, values, vectors, norms, shared_list)
         # gradient w_i / k at L_i, as sum_i log(L_i + eps) / k; value sum_i log(L_i + eps) / k
         total = ((stacked - _like(values, stacked)) @ _like(w, stacked)
-                 + _like(logs, stacked).sum()) / k
+                 + _like(logs, stacked).sum())
+        if not self._undivided:
+            total = total / k
         return _Deferred.apply(total, pending)
 
     def _finish(self, pending: _Pending) -> None:
@@ -388,4 +403,4 @@ class DBMTL(Balancer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, beta={self.beta}, sigma={self.sigma}, "
-                f"eps={self.eps}")
+                f"eps={self.eps}" + (", caller_divides=True" if self.caller_divides else ""))
