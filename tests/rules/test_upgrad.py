@@ -56,13 +56,20 @@ def test_against_torchjd_exact_projector():
     assert deviations["norms T=10"] > 0.1
 
 
+def direction_tol(J):
+    """1e-6 when the gradients are independent; 1e-5 when P < T: the dual-cone NNLS is then
+    underdetermined, its multipliers are not unique and reach 1e2-1e3 (found by hypothesis:
+    T = 8, P = 3 and 4), and the solver's tolerance on them shows in d at ~1e-6."""
+    return 1e-6 if J.shape[1] >= J.shape[0] else 1e-5
+
+
 @settings(max_examples=25, deadline=None)
 @given(J=jacobians(), seed=st.integers(0, 1000))
 def test_permuting_tasks_permutes_the_weights(J, seed):
     perm = permutation(J.shape[0], seed)
     c, c_p = upgrad_weights(J @ J.T), upgrad_weights(J[perm] @ J[perm].T)
     assert torch.isfinite(c).all()
-    assert rel_err(c_p @ J[perm], c @ J, J) < 1e-6
+    assert rel_err(c_p @ J[perm], c @ J, J) < direction_tol(J)
     if J.shape[1] >= J.shape[0]:
         assert torch.allclose(c_p, c[perm], atol=1e-6)
 
@@ -71,7 +78,8 @@ def test_permuting_tasks_permutes_the_weights(J, seed):
 @given(J=jacobians(), s=st.floats(1e-3, 1e3))
 def test_scaling_all_gradients_scales_the_direction(J, s):
     """The weights are invariant to a common scale s of the gradients (the QPs are)."""
-    assert rel_err(upgrad_weights((s * J) @ (s * J).T) @ J, upgrad_weights(J @ J.T) @ J, J) < 1e-6
+    d_s, d = upgrad_weights((s * J) @ (s * J).T) @ J, upgrad_weights(J @ J.T) @ J
+    assert rel_err(d_s, d, J) < direction_tol(J)
 
 
 def test_dtype_and_bad_input():

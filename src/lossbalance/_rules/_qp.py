@@ -52,8 +52,12 @@ def min_norm_simplex(L: np.ndarray, rule: str = "MGDA") -> np.ndarray:
     is a convex combination with L^T w* = 0. G = 0 gives the uniform w.
     """
     T, r = L.shape
-    if r == 0:
+    scale = np.abs(L).max() if L.size else 0.0
+    if r == 0 or scale == 0:
         return np.full(T, 1.0 / T)
+    # w* does not change with the gradients' scale; NNLS's tolerance does: solve at unit scale
+    # (at ||g|| ~ 1e-8 the ones row dominated and d came out 1e-5 of ||g|| off the min norm)
+    L = L / scale
     A = np.vstack([L.T, np.ones((1, T))])
     b = np.zeros(r + 1)
     b[-1] = 1.0
