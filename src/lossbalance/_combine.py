@@ -28,6 +28,44 @@ from torch import distributed as dist
 from ._taps import Measurement, row_norms
 
 
+def is_process_group(group: object) -> bool:
+    """Whether ``group`` is a torch.distributed process group."""
+    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+
+
+def check_distributed(distributed: object) -> object:
+    """The ``distributed`` option, checked: None, True, False or a process group (TypeError
+    otherwise)."""
+    if not (distributed is None or isinstance(distributed, bool)
+            or is_process_group(distributed)):
+        raise TypeError(
+            "distributed must be None, True, False or a torch.distributed process group, got "
+            f"{type(distributed).__name__}"
+        )
+    return distributed
+
+
+def is_synced(distributed: object) -> bool:
+    """Whether a step synchronises over processes: ``distributed`` True or a group; None (the
+    default) when torch.distributed is initialised with more than one process."""
+    if distributed is None:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed is not False
+
+
+def process_group(distributed: object, owner_name: str) -> Any:
+    """The process group to synchronise over (None: the default group); a ValueError naming
+    ``owner_name`` when ``distributed`` asks for processes that torch.distributed lacks."""
+    if distributed is None or distributed is False:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"{owner_name}(distributed=...) needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group) before backward"
+        )
+    return None if distributed is True else distributed
+
+
 def mean_over_processes(values: Tensor, group: Any, *, in_place: bool = False) -> Tensor:
     """The mean of ``values`` over the processes of ``group`` (one all-reduce); ``in_place``
     overwrites ``values`` (a scratch tensor) instead of a copy."""

@@ -78,7 +78,13 @@ from torch import Tensor
 from torch import distributed as dist
 
 from .. import _checks, _graph
-from .._combine import Window, mean_over_processes
+from .._combine import (
+    Window,
+    check_distributed,
+    is_synced,
+    mean_over_processes,
+    process_group,
+)
 from .._taps import (
     Capture,
     LinearPattern,
@@ -151,10 +157,6 @@ class _Pending:
         return at_h
 
 
-def _is_process_group(group: object) -> bool:
-    return dist.is_available() and isinstance(group, dist.ProcessGroup)
-
-
 class Aggregator(Balancer):
     """Base class of the gradient-aggregation methods: update sum_i c_i g_i, c = rule(G).
 
@@ -214,13 +216,7 @@ class Aggregator(Balancer):
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
         self.caller_divides = _checks.check_bool("caller_divides", caller_divides)
         self._undivided = False  # this call's total is undivided (loss() under caller_divides)
-        if not (distributed is None or isinstance(distributed, bool)
-                or _is_process_group(distributed)):
-            raise TypeError(
-                "distributed must be None, True, False or a torch.distributed process group, got "
-                f"{type(distributed).__name__}"
-            )
-        self.distributed = distributed
+        self.distributed = check_distributed(distributed)
         self.accumulation_steps = _checks.check_int_at_least(
             "accumulation_steps", accumulation_steps, 1)
         if general_path not in ("loop", "batched"):
@@ -509,20 +505,12 @@ class Aggregator(Balancer):
 
     # ------------------------------------------------------------------ processes
     def _synced(self) -> bool:
-        """Whether this step synchronises over processes (``distributed``, as GradNorm's)."""
-        if self.distributed is None:
-            return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return self.distributed is not False
+        """Whether this step synchronises over processes (``_combine.is_synced``)."""
+        return is_synced(self.distributed)
 
     def _group(self) -> Any:
-        if self.distributed is None or self.distributed is False:
-            return None
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                f"{type(self).__name__}(distributed=...) needs torch.distributed to be "
-                "initialised (torch.distributed.init_process_group) before backward"
-            )
-        return None if self.distributed is True else self.distributed
+        """The process group to synchronise over (None: the default group)."""
+        return process_group(self.distributed, type(self).__name__)
 
     def _loss_values(self, values: Tensor) -> Tensor:
         """L_i: this process's, or the mean over the processes (every process then decides

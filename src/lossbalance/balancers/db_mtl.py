@@ -52,10 +52,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch import distributed as dist
 
 from .. import _checks, _graph
-from .._combine import Window, mean_over_processes
+from .._combine import (
+    Window,
+    check_distributed,
+    is_synced,
+    mean_over_processes,
+    process_group,
+)
 from .._taps import Site, measure_general, row_norms
 from .base import Balancer, SharedLike, _like, _set
 from .gradnorm import _Deferred, arrived_scale
@@ -81,10 +86,6 @@ class _Pending:
             self.bal._finish(self)
         finally:
             self.vectors = None  # the per-task gradients: not kept
-
-
-def _is_process_group(group: object) -> bool:
-    return dist.is_available() and isinstance(group, dist.ProcessGroup)
 
 
 class DBMTL(Balancer):
@@ -141,13 +142,7 @@ class DBMTL(Balancer):
         self.beta = float(beta)
         self.sigma = _checks.check_nonnegative("sigma", sigma)
         self.eps = _checks.check_nonnegative("eps", eps)
-        if not (distributed is None or isinstance(distributed, bool)
-                or _is_process_group(distributed)):
-            raise TypeError(
-                "distributed must be None, True, False or a torch.distributed process group, got "
-                f"{type(distributed).__name__}"
-            )
-        self.distributed = distributed
+        self.distributed = check_distributed(distributed)
         self.accumulation_steps = _checks.check_int_at_least(
             "accumulation_steps", accumulation_steps, 1)
         if general_path not in ("loop", "batched"):
@@ -356,19 +351,12 @@ class DBMTL(Balancer):
 
     # ------------------------------------------------------------------ processes
     def _synced(self) -> bool:
-        if self.distributed is None:
-            return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return self.distributed is not False
+        """Whether this step synchronises over processes (``_combine.is_synced``)."""
+        return is_synced(self.distributed)
 
     def _group(self) -> Any:
-        if self.distributed is None or self.distributed is False:
-            return None
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                "DBMTL(distributed=...) needs torch.distributed to be initialised "
-                "(torch.distributed.init_process_group) before backward"
-            )
-        return None if self.distributed is True else self.distributed
+        """The process group to synchronise over (None: the default group)."""
+        return process_group(self.distributed, "DBMTL")
 
     def _loss_values(self, values: Tensor) -> Tensor:
         """L_i: this process's, or the mean over the processes."""

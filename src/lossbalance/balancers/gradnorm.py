@@ -41,11 +41,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch import distributed as dist
 
 from .. import _checks, _graph, _native
 from .._adam import plain_adam_args
-from .._combine import Window, mean_over_processes, over_processes
+from .._combine import (
+    Window,
+    check_distributed,
+    is_synced,
+    mean_over_processes,
+    over_processes,
+    process_group,
+)
 from .._taps import (
     Capture,
     LinearPattern,
@@ -151,10 +157,6 @@ class _Deferred(torch.autograd.Function):
         return grad, None
 
 
-def _is_process_group(group: object) -> bool:
-    return dist.is_available() and isinstance(group, dist.ProcessGroup)
-
-
 class GradNorm(Balancer):
     """GradNorm weights learned from gradient norms at a shared layer (Algorithm 1).
 
@@ -254,13 +256,7 @@ class GradNorm(Balancer):
     ) -> None:
         super().__init__(num_tasks, task_names=task_names, on_nonfinite=on_nonfinite)
         self.caller_divides = _checks.check_bool("caller_divides", caller_divides)
-        if not (distributed is None or isinstance(distributed, bool)
-                or _is_process_group(distributed)):
-            raise TypeError(
-                "distributed must be None, True, False or a torch.distributed process group, got "
-                f"{type(distributed).__name__}"
-            )
-        self.distributed = distributed
+        self.distributed = check_distributed(distributed)
         self.accumulation_steps = _checks.check_int_at_least(
             "accumulation_steps", accumulation_steps, 1)
         self._window = Window(accumulation_steps)
@@ -309,22 +305,12 @@ class GradNorm(Balancer):
         self._capture = Capture(self._workspace, chunk)
 
     def _synced(self) -> bool:
-        """Whether this step synchronises over processes: ``distributed`` True or a group;
-        None (the default) when torch.distributed is initialised with more than one process."""
-        if self.distributed is None:
-            return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return self.distributed is not False
+        """Whether this step synchronises over processes (``_combine.is_synced``)."""
+        return is_synced(self.distributed)
 
     def _group(self) -> Any:
         """The process group to synchronise over (None: the default group)."""
-        if self.distributed is None or self.distributed is False:
-            return None
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                "GradNorm(distributed=...) needs torch.distributed to be initialised "
-                "(torch.distributed.init_process_group) before backward"
-            )
-        return None if self.distributed is True else self.distributed
+        return process_group(self.distributed, "GradNorm")
 
     def _skipped_call(self) -> None:
         if self.accumulation_steps > 1:
