@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import _graph
+
 LossesLike = Sequence[Tensor] | Tensor | Mapping[str, Tensor]
 NONFINITE_MODES = ("raise", "skip")
 
@@ -216,6 +218,24 @@ def tap_graph_error(problem: tuple, task_names: tuple[str, ...] | None) -> Value
         "so their gradients at h cannot be told apart: tap the tensor their heads "
         "branch from, or pass shared= parameters without a tap"
     )
+
+
+def check_losses_reach(losses: Sequence[Tensor], edges: list,
+                       task_names: tuple[str, ...] | None) -> None:
+    """ValueError unless every loss reaches a shared tensor (``edges``, from
+    ``_graph.edges_of``) and every shared tensor is reached by some loss."""
+    found: set[int] = set()
+    for i, loss in enumerate(losses):
+        reached = _graph.reached_edges(loss, edges)
+        if not reached:
+            raise ValueError(
+                f"the loss of {task_label(i, task_names)} does not reach any "
+                "of the shared tensors"
+            )
+        found |= reached
+    if len(found) != len(edges):
+        k = min(set(range(len(edges))) - found)
+        raise ValueError(f"shared[{k}] is outside the graph of any loss")
 
 
 def check_grad_scaler(scaler: object) -> object | None:

@@ -561,19 +561,7 @@ class Aggregator(Balancer):
         return pattern
 
     def _check_general_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
-        edges = self._shared_edges(shared)
-        found: set[int] = set()
-        for i, loss in enumerate(losses):
-            reached = _graph.reached_edges(loss, edges)
-            if not reached:
-                raise ValueError(
-                    f"the loss of {_checks.task_label(i, self.task_names)} does not reach any "
-                    "of the shared tensors"
-                )
-            found |= reached
-        if len(found) != len(edges):
-            k = min(set(range(len(edges))) - found)
-            raise ValueError(f"shared[{k}] is outside the graph of any loss")
+        _checks.check_losses_reach(losses, self._shared_edges(shared), self.task_names)
 
     @staticmethod
     def _shared_edges(shared: list[Tensor]) -> list:

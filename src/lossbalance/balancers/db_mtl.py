@@ -335,19 +335,7 @@ class DBMTL(Balancer):
                 )
 
     def _check_graph(self, losses: list[Tensor], shared: list[Tensor]) -> None:
-        edges = _graph.edges_of(shared)
-        found: set[int] = set()
-        for i, loss in enumerate(losses):
-            reached = _graph.reached_edges(loss, edges)
-            if not reached:
-                raise ValueError(
-                    f"the loss of {_checks.task_label(i, self.task_names)} does not reach any "
-                    "of the shared tensors"
-                )
-            found |= reached
-        if len(found) != len(edges):
-            k = min(set(range(len(edges))) - found)
-            raise ValueError(f"shared[{k}] is outside the graph of any loss")
+        _checks.check_losses_reach(losses, _graph.edges_of(shared), self.task_names)
 
     # ------------------------------------------------------------------ processes
     def _synced(self) -> bool:
