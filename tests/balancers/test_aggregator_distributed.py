@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from distributed_harness import run_in_processes
 from test_aggregator import RuleAggregator
 from torch import distributed as dist
-from torch import multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
@@ -65,20 +65,15 @@ def train(model, bal, x, ys, tapped, where):
     return trace, [p.detach().clone() for p in inner.parameters()]
 
 
-def worker(rank, world, store, model, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        x, ys = data()
-        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        results = {}
-        for name, (tapped, where, kwargs) in CASES.items():
-            ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
-            bal = RuleAggregator(T, **kwargs).double()  # distributed=None: follows the group
-            results[name] = train(ddp, bal, x[shard], [y[shard] for y in ys], tapped, where)
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def worker(rank, world, model):
+    x, ys = data()
+    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    results = {}
+    for name, (tapped, where, kwargs) in CASES.items():
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+        bal = RuleAggregator(T, **kwargs).double()  # distributed=None: follows the group
+        results[name] = train(ddp, bal, x[shard], [y[shard] for y in ys], tapped, where)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +81,7 @@ def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     torch.manual_seed(0)
     model = Net().double()
-    mp.spawn(worker, args=(2, str(tmp / "store"), model, str(tmp / "out")), nprocs=2)
-    return model, [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(2)]
+    return model, run_in_processes(worker, tmp, model)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
+from distributed_harness import run_in_processes
 from torch import distributed as dist
-from torch import multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
@@ -69,22 +69,17 @@ CASES = {
 }
 
 
-def worker(rank, world, store, model, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        x, ys = data()
-        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        results = {}
-        for name, (where, kwargs) in CASES.items():
-            ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
-            bal = lb.GradNorm(T, alpha=1.5, **{"distributed": True, **kwargs})
-            if name.endswith("general"):
-                bal.tap = lambda h: (h,) * T  # no tap: the general path
-            results[name] = train(ddp, bal, x[shard], [y[shard] for y in ys], where)
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def worker(rank, world, model):
+    x, ys = data()
+    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    results = {}
+    for name, (where, kwargs) in CASES.items():
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+        bal = lb.GradNorm(T, alpha=1.5, **{"distributed": True, **kwargs})
+        if name.endswith("general"):
+            bal.tap = lambda h: (h,) * T  # no tap: the general path
+        results[name] = train(ddp, bal, x[shard], [y[shard] for y in ys], where)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +87,7 @@ def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     torch.manual_seed(0)
     model = Net()
-    mp.spawn(worker, args=(2, str(tmp / "store"), model, str(tmp / "out")), nprocs=2)
-    return model, [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(2)]
+    return model, run_in_processes(worker, tmp, model)
 
 
 def test_every_process_holds_the_same_weights(two_processes):
