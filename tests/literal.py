@@ -229,3 +229,19 @@ def assert_same_state(before, after):
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True,
                                        msg=key)
+
+
+def assert_equal_states(a, b):
+    """Two (nested: dicts, lists, tuples) state dicts equal bit for bit (torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_equal_states(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for u, v in zip(a, b, strict=True):
+            assert_equal_states(u, v)
+    else:
+        assert a == b

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from literal import ToyNet
+from literal import ToyNet, assert_equal_states
 from torch import nn
 from torch.nn import functional as F
 
@@ -255,18 +255,6 @@ def run_way(way, where, steps=4, accumulation=1, scaler=None, rule=cosine_rule):
     return trace, bal, net
 
 
-def assert_same_state(a, b):
-    """Two state dicts (nested: the extra state) equal bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same_state(a[key], b[key])
-    else:
-        assert a == b
-
-
 def assert_same(a, b):
     for (wa, sa, ta, ga, ka), (wb, sb, tb, gb, kb) in zip(a, b, strict=True):
         assert torch.equal(wa, wb)
@@ -289,7 +277,7 @@ def test_loss_matches_backward_bit_for_bit(where, scaled, accumulation):
         out.append((trace, bal))
     assert_same(out[0][0], out[1][0])
     assert int(out[0][1].num_steps) == int(out[1][1].num_steps) > 0
-    assert_same_state(out[0][1].state_dict(), out[1][1].state_dict())
+    assert_equal_states(out[0][1].state_dict(), out[1][1].state_dict())
 
 
 @pytest.mark.parametrize("where", ["h", "tap-W", "W"])
@@ -314,7 +302,7 @@ def test_a_total_never_backpropagated_changes_nothing(where):
     feats = bal.tap(h) if where != "W" else (h,) * 3
     losses = [F.mse_loss(net.heads[i](feats[i]), ys[i]) for i in range(3)]
     bal.loss(losses, None if where == "h" else shared_params(net, where.removeprefix("tap-")))
-    assert_same_state(before, bal.state_dict())
+    assert_equal_states(before, bal.state_dict())
     assert bal.stats == {}
     # the next step is an ordinary one
     net_b = copy.deepcopy(net)
@@ -343,7 +331,7 @@ def test_nonfinite_gradient_raises_naming_the_task(where):
     shared = None if where == "h" else shared_params(net, where.removeprefix("tap-"))
     with pytest.raises(ValueError, match=r"task 1 \('b'\).*non-finite"):
         bal.backward(nan_grad_losses(net, feats, ys), shared)
-    assert_same_state(before, bal.state_dict())
+    assert_equal_states(before, bal.state_dict())
     if where == "W":  # known before the backward: .grad untouched
         assert all(p.grad is None for p in net.parameters())
 
@@ -360,7 +348,7 @@ def test_nonfinite_gradient_skips_with_skip(where):
     shared = None if where == "h" else shared_params(net, where.removeprefix("tap-"))
     bal.backward(nan_grad_losses(net, feats, ys), shared)
     assert bal.last_step_skipped
-    assert_same_state(before, bal.state_dict())
+    assert_equal_states(before, bal.state_dict())
     if where == "W":
         assert all(p.grad is None for p in net.parameters())
     balancer_step(bal, net, x, ys, where)
@@ -391,7 +379,7 @@ def test_bad_input_is_refused_before_anything_changes():
         bal.tap(h.detach())
     with pytest.raises(TypeError, match="unexpected"):
         bal.backward(losses((h,) * 3), net.trunk, kpis=[0.5] * 3)
-    assert_same_state(before, bal.state_dict())
+    assert_equal_states(before, bal.state_dict())
     assert all(p.grad is None for p in net.parameters())
     with pytest.raises(ValueError, match="accumulation_steps"):
         RuleAggregator(3, accumulation_steps=0)

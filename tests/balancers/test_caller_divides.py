@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from literal import toy_problem
+from literal import assert_equal_states, toy_problem
 from torch.nn import functional as F
 
 import lossbalance as lb
@@ -65,22 +65,6 @@ def train(make, way, where, *, scaled=False, k=K, windows=WINDOWS):
             scaler.update()
         trace.append((bal.weights, dict(bal.stats), totals, grads, bal.last_step_skipped))
     return trace, bal, opt
-
-
-def assert_equal_states(a, b):
-    """Two (nested) state dicts equal bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_equal_states(a[key], b[key])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for u, v in zip(a, b, strict=True):
-            assert_equal_states(u, v)
-    else:
-        assert a == b
 
 
 def assert_same_runs(make, where, scaled):
