@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from test_aggregator import balancer_step, literal_step, make
+from test_aggregator import balancer_step, make, run_both
 
 import lossbalance as lb
 from lossbalance import _rules
@@ -53,24 +53,7 @@ def literal_rules():
 @pytest.mark.parametrize("name", sorted(literal_rules()))
 def test_matches_literal_step_with_the_papers_rule(name, where):
     bal, rule = literal_rules()[name]
-    bal = bal.double()
-    net, x, ys = make(3)
-    net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
-    opt_a = torch.optim.Adam(net_a.parameters(), lr=1e-3)
-    opt_b = torch.optim.Adam(net_b.parameters(), lr=1e-3)
-    for _ in range(20):
-        opt_a.zero_grad()
-        opt_b.zero_grad()
-        balancer_step(bal, net_a, x, ys, where)
-        c, gram = literal_step(net_b, x, ys, where, rule)
-        torch.testing.assert_close(bal.weights, c, **F64)
-        torch.testing.assert_close(bal.stats["gram"], gram, **F64)
-        for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
-            torch.testing.assert_close(pa.grad, pb.grad, **F64)
-        opt_a.step()
-        opt_b.step()
-    for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, **F64)
+    bal = run_both(where, rule, instance=bal.double())
     if name.startswith("mgda"):
         torch.testing.assert_close(bal.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
 

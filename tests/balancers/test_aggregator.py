@@ -144,12 +144,16 @@ def balancer_step(bal, net, x, ys, where, order=None, way="backward"):
 
 
 def run_both(where, rule=cosine_rule, steps=20, num_tasks=3, optimizer=torch.optim.Adam,
-             balancer=None, **problem):
+             balancer=None, instance=None, **problem):
+    """``steps`` optimizer steps of a balancer (``instance``, or a RuleAggregator of ``rule``
+    with the keyword arguments ``balancer``) beside the literal step of ``rule``: the same
+    weights, Gram matrix, gradients and parameters (float64)."""
     net, x, ys = make(num_tasks, **problem)
     net_a, net_b = copy.deepcopy(net), copy.deepcopy(net)
     opt_a = optimizer(net_a.parameters(), lr=1e-3)
     opt_b = optimizer(net_b.parameters(), lr=1e-3)
-    bal = RuleAggregator(num_tasks, rule, **(balancer or {})).double()
+    bal = instance if instance is not None else RuleAggregator(num_tasks, rule,
+                                                               **(balancer or {})).double()
     for _ in range(steps):
         opt_a.zero_grad()
         opt_b.zero_grad()
