@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import importlib
+import importlib.util
 import statistics
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,3 +147,24 @@ def machine_name(device: torch.device, threads: int) -> str:
     except OSError:
         pass
     return f"{cpu}, {threads} threads"
+
+
+def load_libmtl(name: str) -> type:
+    """LibMTL's weighting class ``name``, without running LibMTL/__init__ (it imports
+    torchvision, which does not load beside a local torch build)."""
+    module_name = f"LibMTL.weighting.{name}"
+    if module_name in sys.modules:
+        return getattr(sys.modules[module_name], name)
+    if "LibMTL" in sys.modules:  # the empty package made by an earlier call
+        root = Path(sys.modules["LibMTL"].__path__[0])
+    else:
+        spec = importlib.util.find_spec("LibMTL")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("LibMTL is not installed (pip install -e '.[bench]')")
+        root = Path(next(iter(spec.submodule_search_locations)))
+    for pkg, path in (("LibMTL", root), ("LibMTL.weighting", root / "weighting")):
+        if pkg not in sys.modules:
+            module = types.ModuleType(pkg)
+            module.__path__ = [str(path)]
+            sys.modules[pkg] = module
+    return getattr(importlib.import_module(module_name), name)

@@ -23,11 +23,8 @@ IMTL-G together (timed against our IMTL-G); its CAGrad runs only at T = 3.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +32,15 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import Rows, TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
+from _harness import (
+    Rows,
+    TrunkHeads,
+    interleaved_ratio,
+    load_libmtl,
+    machine_name,
+    peak_memory,
+    write_csv,
+)
 
 import lossbalance as lb
 
@@ -59,27 +64,6 @@ METHODS: dict[str, tuple[str, dict, str | None, dict, str]] = {
 }
 # gradients at W only: DB-MTL refuses h, as its official code refuses rep_grad
 AT_PARAMETERS_ONLY = {"db-mtl"}
-
-
-def load_libmtl(name: str) -> type:
-    """LibMTL's weighting class ``name``, without running LibMTL/__init__ (it imports
-    torchvision, which does not load beside a local torch build)."""
-    module_name = f"LibMTL.weighting.{name}"
-    if module_name in sys.modules:
-        return getattr(sys.modules[module_name], name)
-    if "LibMTL" in sys.modules:  # the empty package made by an earlier call
-        root = Path(sys.modules["LibMTL"].__path__[0])
-    else:
-        spec = importlib.util.find_spec("LibMTL")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("LibMTL is not installed (pip install -e '.[bench]')")
-        root = Path(next(iter(spec.submodule_search_locations)))
-    for pkg, path in (("LibMTL", root), ("LibMTL.weighting", root / "weighting")):
-        if pkg not in sys.modules:
-            module = types.ModuleType(pkg)
-            module.__path__ = [str(path)]
-            sys.modules[pkg] = module
-    return getattr(importlib.import_module(module_name), name)
 
 
 def libmtl_supports(method: str, where: str) -> bool:

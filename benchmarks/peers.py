@@ -24,10 +24,7 @@ algorithm run with the same weights optimizer and learning rate: max |w - w_lite
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,29 +32,21 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import Rows, TrunkHeads, interleaved_ratio, machine_name, peak_memory, write_csv
+from _harness import (
+    Rows,
+    TrunkHeads,
+    interleaved_ratio,
+    load_libmtl,
+    machine_name,
+    peak_memory,
+    write_csv,
+)
 
 import lossbalance as lb
 
 IMPLS = ("lossbalance", "lossbalance-general", "literal", "gradnorm-pytorch",
          "gradnorm-pytorch*", "LibMTL")
 TRUNKS = {"toy": {"width": 100, "out": 100}, "large": {"width": 1024, "out": 10}}
-
-
-def load_libmtl_gradnorm() -> type:
-    """LibMTL's GradNorm class, without running LibMTL/__init__ (it imports torchvision)."""
-    if "LibMTL.weighting.GradNorm" in sys.modules:
-        return sys.modules["LibMTL.weighting.GradNorm"].GradNorm
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("LibMTL is not installed (pip install -e '.[bench]')")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    for name, path in (("LibMTL", root), ("LibMTL.weighting", root / "weighting")):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__path__ = [str(path)]
-            sys.modules[name] = module
-    return importlib.import_module("LibMTL.weighting.GradNorm").GradNorm
 
 
 class Stepper:
@@ -154,7 +143,7 @@ class Stepper:
         return self._gradnorm_pytorch(alpha, lr, matched=True)
 
     def _libmtl(self, alpha, lr):
-        base = load_libmtl_gradnorm()
+        base = load_libmtl("GradNorm")
         model, T = self.model, self.T
         rep_grad = self.where == "h"
 

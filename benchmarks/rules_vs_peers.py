@@ -29,12 +29,14 @@ import importlib
 import importlib.util
 import random
 import sys
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import load_libmtl
 
 from lossbalance._rules import (
     aligned_mtl_weights,
@@ -78,22 +80,6 @@ def rel_dev(d_peer: torch.Tensor, d: torch.Tensor, J: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------ LibMTL harness
-
-
-def load_libmtl(name: str) -> type:
-    """LibMTL.weighting.<name>'s class, without running LibMTL/__init__ (torchvision)."""
-    key = f"LibMTL.weighting.{name}"
-    if "LibMTL.weighting" not in sys.modules:
-        spec = importlib.util.find_spec("LibMTL")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("LibMTL is not installed")
-        root = Path(next(iter(spec.submodule_search_locations)))
-        for pkg, path in (("LibMTL", root), ("LibMTL.weighting", root / "weighting")):
-            if pkg not in sys.modules:
-                module = types.ModuleType(pkg)
-                module.__path__ = [str(path)]
-                sys.modules[pkg] = module
-    return getattr(importlib.import_module(key), name)
 
 
 def libmtl_direction(name: str, J: torch.Tensor, **kwargs) -> torch.Tensor:
