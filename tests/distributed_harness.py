@@ -16,6 +16,7 @@ def _worker(rank: int, world: int, store: str, body: Callable, args: tuple, out:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.save(body(rank, world, *args), f"{out}.{rank}")
+        dist.barrier()  # gloo aborts a process whose peer tears the group down first
     finally:
         dist.destroy_process_group()
 
