@@ -11,6 +11,10 @@ from torch import Tensor
 from ._gram import check_gram, like
 
 
+class NoSolution(ValueError):
+    """G alpha = 1/alpha has no positive solution for this Gram matrix (or none was reached)."""
+
+
 def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: float = 1.0,
                      optim_niter: int = 20) -> Tensor:
     """Nash-MTL's coefficients alpha, d = sum_i alpha_i g_i, from G_ij = <g_i, g_j>.
@@ -55,7 +59,7 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
             raise ValueError(f"Nash-MTL: previous must be finite and > 0, got {alpha.tolist()}")
     zero = np.flatnonzero(np.diagonal(G) <= 0)
     if len(zero):
-        raise ValueError(
+        raise NoSolution(
             f"Nash-MTL: task {int(zero[0])} has a zero gradient (gram[{int(zero[0])}, "
             f"{int(zero[0])}] = 0): G alpha = 1/alpha has no solution"
         )
@@ -66,7 +70,7 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
 
     quad = float(alpha @ G @ alpha)
     if quad <= 0:
-        raise ValueError("Nash-MTL: G alpha = 1/alpha has no solution (previous^T G previous = 0)")
+        raise NoSolution("Nash-MTL: G alpha = 1/alpha has no solution (previous^T G previous = 0)")
     alpha = alpha * math.sqrt(T / quad)  # argmin_k F(k alpha)
     for _ in range(optim_niter):
         grad = G @ alpha - 1 / alpha
@@ -84,12 +88,18 @@ def nash_mtl_weights(gram: Tensor, *, previous: Tensor | None = None, max_norm: 
                 t *= 0.5
         alpha = alpha - t * step
     if not np.isfinite(alpha).all() or float(np.abs((G @ alpha) * alpha - 1).max()) > 1e-3:
-        raise ValueError(
+        raise NoSolution(
             "Nash-MTL: G alpha = 1/alpha has no solution for this Gram matrix (0 lies in the "
             "cone of the gradients) or was not reached in optim_niter steps"
         )
+    return like(clip_norm(alpha, G, max_norm), gram)
+
+
+def clip_norm(alpha: np.ndarray, G: np.ndarray, max_norm: float) -> np.ndarray:
+    """alpha scaled so that ||d|| = sqrt(alpha^T G alpha) <= max_norm (0: no clip), as the
+    official code clips the combined gradient."""
     if max_norm > 0:
         norm = math.sqrt(max(float(alpha @ G @ alpha), 0.0))
         if norm > max_norm:
             alpha = alpha * (max_norm / norm)
-    return like(alpha, gram)
+    return alpha

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._rules import nash_mtl_weights
+from .._rules.nash_mtl import NoSolution, clip_norm
 from .aggregator import Aggregator, Commit
 
 
@@ -40,8 +41,11 @@ class NashMTL(Aggregator):
             ``general_path``, ``caller_divides``: see ``Aggregator``.
 
     The last alpha is kept (the ``previous`` warm start, in ``state_dict``); ``weights``:
-    the last alpha. The official code's ``update_weights_every`` (1 by default) is not an
-    option: alpha is solved every step.
+    the last alpha. When G alpha = 1/alpha has no positive solution (a task's gradient is 0,
+    or 0 lies in the cone of the gradients) the step uses the previous alpha (ones before
+    the first), its norm clipped, as the official code does when its solver fails. The
+    official code's ``update_weights_every`` (1 by default) is not an option: alpha is solved
+    every step.
     """
 
     def __init__(self, num_tasks: int, *, max_norm: float = 1.0, optim_niter: int = 20,
@@ -56,8 +60,16 @@ class NashMTL(Aggregator):
 
     def _prepare(self, gram: Tensor, values: Tensor) -> tuple[Tensor, Commit]:
         previous = self.previous if bool(torch.isfinite(self.previous).all()) else None
-        alpha = nash_mtl_weights(gram, previous=previous, max_norm=self.max_norm,
-                                 optim_niter=self.optim_niter)
+        try:
+            alpha = nash_mtl_weights(gram, previous=previous, max_norm=self.max_norm,
+                                     optim_niter=self.optim_niter)
+        except NoSolution:
+            # as the official code when its solver fails: the previous alpha (ones at first),
+            # its combined gradient clipped to max_norm; the warm start stays
+            kept = previous if previous is not None else torch.ones_like(self.previous)
+            G = gram.detach().to("cpu", torch.float64).numpy()
+            a = clip_norm(kept.detach().to("cpu", torch.float64).numpy(), G, self.max_norm)
+            return torch.as_tensor(a).to(gram), None
         return alpha, lambda: self.previous.copy_(alpha.detach())
 
     def extra_repr(self) -> str:
