@@ -17,9 +17,26 @@ STEPS, BATCH = 12, 32
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
 
+# A launch aborted by gloo ("terminate called without an active exception", a child killed by
+# SIGABRT) came in 2 of 3 fresh-clone runs of the whole suite here, and in none of 13 launches
+# of this test or the script alone; its cause is not found yet. Such a launch is retried (at
+# most 3 tries), any other failure is not.
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def launch(out):
+    args = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "ddp_torchrun.py", "--steps", str(STEPS), "--out", str(out))
+    for attempt in range(3):
+        try:
+            return run_example(*args)
+        except AssertionError as failure:
+            if GLOO_ABORT not in str(failure) or attempt == 2:
+                raise
+
+
 def test_torchrun_two_processes_are_one(tmp_path):
-    run_example("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "ddp_torchrun.py", "--steps", str(STEPS), "--out", str(tmp_path))
+    launch(tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     net, bal = multitask.train_by_hand(STEPS, BATCH)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
